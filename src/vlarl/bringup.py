@@ -1,0 +1,297 @@
+"""``vlarl bringup``: the whole node graph against the embedded robot, from one command.
+
+Starts every node of :data:`vlarl.graph.GRAPH` as its own process with the same parameter files
+the ROS 2 launch file uses, resets the simulator once the graph is connected, runs N episodes,
+records them to a rosbag2, and prints per-episode success, the control rate achieved and where
+the bag is. The figures also go to ``bench/results/bringup.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vlarl.graph import GRAPH, RunningNode, free_domain_id, package_root, start_node, stop_all
+from vlarl.rosenv import ensure_local_discovery
+
+DEFAULT_TASK = "pick-place-v3"
+DEFAULT_MODEL = "models/pick-place-v3-student.onnx"
+
+
+@dataclass
+class EpisodeResult:
+    """One finished episode as the reward node reported it."""
+
+    episode: int
+    success: bool
+    steps: int
+    episode_return: float
+    wall_s: float
+
+
+@dataclass
+class BringupResult:
+    """What ``bringup.json`` holds."""
+
+    task: str
+    model: str
+    mode: str
+    domain_id: int
+    episodes: list[EpisodeResult] = field(default_factory=list)
+    success_rate: float = 0.0
+    control_rate_hz: float = 0.0
+    steps: int = 0
+    bag: str | None = None
+    bag_messages: int | None = None
+    bag_topics: dict[str, int] | None = None
+    safety: dict[str, Any] | None = None
+    machine: dict[str, Any] = field(default_factory=dict)
+    created: str = ""
+
+
+def machine_info() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task", default=DEFAULT_TASK, help="Meta-World task (default %(default)s)"
+    )
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="ONNX policy (model contract)")
+    parser.add_argument("--episodes", type=int, default=20, help="episodes to run")
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed")
+    parser.add_argument(
+        "--mode", choices=("lockstep", "realtime"), default="lockstep", help="simulator pacing"
+    )
+    parser.add_argument("--max-episode-steps", type=int, default=500, help="truncation limit")
+    parser.add_argument("--camera-rate", type=float, default=None, help="camera Hz (0 = off)")
+    parser.add_argument(
+        "--no-record", dest="record", action="store_false", help="do not record a bag"
+    )
+    parser.add_argument("--bag-dir", default="bags", help="folder for recorded bags")
+    parser.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: env)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="give up after seconds")
+    parser.add_argument(
+        "--results", default="bench/results/bringup.json", help="where to write the JSON figures"
+    )
+    parser.add_argument("--log-dir", default=None, help="node logs (default: runs/bringup-<time>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    ensure_local_discovery()
+    if args.episodes < 1:
+        raise SystemExit("--episodes must be >= 1")
+    domain_id = args.domain_id
+    if domain_id is None:
+        env_domain = os.environ.get("ROS_DOMAIN_ID")
+        domain_id = int(env_domain) if env_domain else free_domain_id()
+    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    log_dir = Path(args.log_dir) if args.log_dir else Path("runs") / f"bringup-{stamp}"
+    bag_dir = Path(args.bag_dir).resolve()
+    bag_name = f"vlarl-{args.task}-{stamp}"
+    model = args.model
+    if not Path(model).exists() and (package_root() / model).exists():
+        model = str(package_root() / model)
+
+    overrides: dict[str, dict[str, Any]] = {
+        "sim_robot": {
+            "task": args.task,
+            "seed": args.seed,
+            "mode": args.mode,
+            "max_episode_steps": args.max_episode_steps,
+        },
+        "policy": {"model": model, "task": args.task},
+        "recorder": {"output_dir": str(bag_dir), "bag_name": bag_name},
+    }
+    if args.camera_rate is not None:
+        overrides["sim_robot"]["camera_rate_hz"] = float(args.camera_rate)
+    names = [spec.name for spec in GRAPH if args.record or spec.name != "recorder"]
+
+    print(f"vlarl bringup: task {args.task}, model {model}, {args.episodes} episodes")
+    print(f"  ROS_DOMAIN_ID={domain_id} (export it to watch with ros2 / rviz); logs in {log_dir}")
+    result = BringupResult(
+        task=args.task,
+        model=model,
+        mode=args.mode,
+        domain_id=domain_id,
+        machine=machine_info(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    nodes: list[RunningNode] = []
+    try:
+        for name in names:
+            nodes.append(
+                start_node(
+                    name, domain_id=domain_id, overrides=overrides.get(name), log_dir=log_dir
+                )
+            )
+        _supervise(args, names, nodes, result)
+    finally:
+        stop_all(nodes, timeout=10.0)
+
+    if args.record:
+        bag_path = bag_dir / bag_name
+        result.bag = str(bag_path)
+        try:
+            from vlarl.bag.reader import topic_counts
+
+            counts = topic_counts(bag_path)
+            result.bag_topics = counts
+            result.bag_messages = sum(counts.values())
+            print(f"bag: {bag_path} ({result.bag_messages} messages, read back with rosbags)")
+        except Exception as exc:  # report, keep the episode results
+            print(f"bag: {bag_path} could not be read back: {exc}")
+
+    results_path = Path(args.results)
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    payload = asdict(result)
+    results_path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results: {results_path}")
+    done = len(result.episodes)
+    return 0 if done == args.episodes else 1
+
+
+def _supervise(
+    args: argparse.Namespace,
+    names: list[str],
+    nodes: list[RunningNode],
+    result: BringupResult,
+) -> None:
+    """Watch the graph over DDS until the episodes are done (runs in this process)."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import JointState
+    from std_msgs.msg import String
+    from std_srvs.srv import Trigger
+
+    from vlarl import topics
+
+    rclpy.init()
+    node = rclpy.create_node("bringup_supervisor")
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    status_index = {name: i for i, name in enumerate(topics.ROBOT_STATUS_FIELDS)}
+    state: dict[str, Any] = {
+        "max_episode_seen": -1,
+        "first_episode": None,
+        "status_count": 0,
+        "count_start": None,
+        "safety": None,
+        "episode_start": time.monotonic(),
+    }
+    episodes: list[EpisodeResult] = []
+
+    def on_status(msg: JointState) -> None:
+        if len(msg.position) != len(status_index):
+            return
+        episode = int(msg.position[status_index["episode"]])
+        state["max_episode_seen"] = max(state["max_episode_seen"], episode)
+        if state["first_episode"] is not None and episode >= state["first_episode"]:
+            if state["count_start"] is None:
+                state["count_start"] = time.monotonic()
+            state["status_count"] += 1
+
+    def on_episode(msg: String) -> None:
+        try:
+            info = json.loads(msg.data)
+        except json.JSONDecodeError:
+            return
+        first = state["first_episode"]
+        if first is None or int(info.get("episode", -1)) < first or len(episodes) >= args.episodes:
+            return
+        now = time.monotonic()
+        ep = EpisodeResult(
+            episode=int(info["episode"]),
+            success=bool(info.get("success", False)),
+            steps=int(info.get("steps", 0)),
+            episode_return=float(info.get("return", 0.0)),
+            wall_s=round(now - state["episode_start"], 3),
+        )
+        state["episode_start"] = now
+        episodes.append(ep)
+        verdict = "success" if ep.success else "failure"
+        print(
+            f"  episode {len(episodes):3d}/{args.episodes}: {verdict:7s} in {ep.steps:3d} steps "
+            f"({ep.wall_s:.2f} s)",
+            flush=True,
+        )
+
+    def on_safety(msg: String) -> None:
+        try:
+            state["safety"] = json.loads(msg.data)
+        except json.JSONDecodeError:
+            pass
+
+    qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+    node.create_subscription(JointState, topics.ROBOT_STATUS, on_status, qos)
+    node.create_subscription(String, topics.EPISODE, on_episode, 50)
+    node.create_subscription(String, topics.SAFETY_STATUS, on_safety, 10)
+    reset = node.create_client(Trigger, topics.SIM_RESET)
+
+    deadline = time.monotonic() + args.timeout
+    try:
+        expected = set(names)
+        t0 = time.monotonic()
+        while time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.1)
+            dead = [n.spec.name for n in nodes if not n.alive()]
+            if dead:
+                raise RuntimeError(f"node(s) exited during start-up: {', '.join(dead)} (see logs)")
+            if expected <= set(node.get_node_names()) and reset.service_is_ready():
+                break
+        else:
+            raise RuntimeError("graph did not come up in time")
+        # Let discovery of every publisher/subscriber pair settle before the first real episode.
+        settle_until = time.monotonic() + 1.0
+        while time.monotonic() < settle_until:
+            executor.spin_once(timeout_sec=0.05)
+        print(f"  graph up in {time.monotonic() - t0:.1f} s: {', '.join(names)}", flush=True)
+        future = reset.call_async(Trigger.Request())
+        executor.spin_until_future_complete(future, timeout_sec=10.0)
+        if not future.done() or not future.result().success:
+            raise RuntimeError("simulator reset failed")
+        state["first_episode"] = state["max_episode_seen"] + 1
+        state["episode_start"] = time.monotonic()
+        while len(episodes) < args.episodes and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.1)
+            dead = [n.spec.name for n in nodes if not n.alive()]
+            if dead:
+                raise RuntimeError(f"node(s) died: {', '.join(dead)} (see logs)")
+        elapsed = time.monotonic() - (state["count_start"] or time.monotonic())
+        result.episodes = episodes
+        result.steps = int(state["status_count"])
+        result.control_rate_hz = round(state["status_count"] / elapsed, 1) if elapsed > 0 else 0.0
+        result.success_rate = (
+            round(sum(e.success for e in episodes) / len(episodes), 4) if episodes else 0.0
+        )
+        # one more status from safety for the counters
+        until = time.monotonic() + 0.6
+        while time.monotonic() < until:
+            executor.spin_once(timeout_sec=0.05)
+        result.safety = state["safety"]
+        print(
+            f"success: {sum(e.success for e in episodes)}/{len(episodes)} "
+            f"({100 * result.success_rate:.0f}%), control rate {result.control_rate_hz:.0f} Hz "
+            f"({args.mode}, {result.steps} steps)",
+            flush=True,
+        )
+        if len(episodes) < args.episodes:
+            print(f"timed out after {args.timeout:.0f} s with {len(episodes)} episodes")
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()

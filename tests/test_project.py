@@ -1,0 +1,64 @@
+"""The README stays true: its topic table, its test command in .ci/run, the launch file."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from vlarl.graph import GRAPH
+from vlarl.topics import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_topic_table_matches_topics_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- topics:begin[^\n]*-->\n(.*?)<!-- topics:end -->", readme, re.S)
+    assert match, "README lost its topic table markers"
+    assert match.group(1).strip() == markdown_table().strip(), (
+        "run: vlarl topics, paste into README"
+    )
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"## Tests\s+```bash\n(.+?)\n```", readme, re.S)
+    assert command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command.group(1).strip() in ci
+
+
+def test_every_node_has_a_console_script_a_module_and_a_parameter_file() -> None:
+    setup = (ROOT / "setup.py").read_text()
+    for spec in GRAPH:
+        assert f'"{spec.name}": "{spec.module}:main"' in setup
+        assert (ROOT / "src" / (spec.module.replace(".", "/") + ".py")).is_file(), spec.module
+        assert (ROOT / "config" / spec.params_file).is_file(), spec.params_file
+
+
+def test_launch_file_uses_the_shared_graph_and_declares_the_arguments() -> None:
+    source = (ROOT / "launch" / "bringup.launch.py").read_text()
+    tree = ast.parse(source)
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module == "vlarl.graph"
+        for alias in node.names
+    }
+    assert "GRAPH" in imported
+    declared = {
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", None) == "DeclareLaunchArgument"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert {"task", "model", "record", "rviz", "use_sim_time"} <= declared
+
+
+def test_colcon_workspace_reaches_the_package() -> None:
+    link = ROOT / "ros2_ws" / "src" / "vlarl"
+    assert (link / "package.xml").is_file()
+    assert (link / "setup.py").is_file()
