@@ -9,6 +9,7 @@ the bag is. The figures also go to ``bench/results/bringup.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -231,10 +232,8 @@ def _supervise(
         )
 
     def on_safety(msg: String) -> None:
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             state["safety"] = json.loads(msg.data)
-        except json.JSONDecodeError:
-            pass
 
     qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
     node.create_subscription(JointState, topics.ROBOT_STATUS, on_status, qos)
