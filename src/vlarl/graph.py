@@ -105,8 +105,10 @@ def node_command(
         cmd += ["--params-file", str(own)]
     for extra in extra_params_files:
         cmd += ["--params-file", str(extra)]
+    # Node-qualified (``node:key:=value``): a bare ``-p key:=value`` lands in the ``/**`` section,
+    # which the node's own file section overrides once common.yaml has created ``/**`` first.
     for key, value in (overrides or {}).items():
-        cmd += ["-p", f"{key}:={_ros_value(value)}"]
+        cmd += ["-p", f"{spec.name}:{key}:={_ros_value(value)}"]
     return cmd
 
 

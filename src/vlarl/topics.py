@@ -46,6 +46,7 @@ TASK_STATE = "robot/task_state"
 ROBOT_STATUS = "robot/status"
 OBSERVATION = "observation"
 POLICY_ACTION = "policy/action"
+POLICY_STATUS = "policy/status"
 COMMAND = "safety/command"
 SAFETY_STATUS = "safety/status"
 REWARD = "reward"
@@ -119,6 +120,15 @@ TOPICS: tuple[TopicSpec, ...] = (
         "joint_names = dx, dy, dz, gripper; points[0] = this tick, points[1:] = rest of the "
         "chunk; positions = base action, effort = residual; stamp = observation stamp; "
         "frame_id = policy version tag 'model@version+residual@version'",
+    ),
+    TopicSpec(
+        POLICY_STATUS,
+        "std_msgs/String",
+        "policy",
+        "status_rate_hz (1)",
+        "JSON: active model tag, path, providers, task, replan_every, residual tag, counters "
+        "(ticks, published, dropped = malformed + failed + no_model, plans, swaps, refused), "
+        "last_refusal",
     ),
     TopicSpec(
         COMMAND,

@@ -8,6 +8,7 @@ callback that checks types, ranges and choices, then hands accepted values to th
 
 from __future__ import annotations
 
+import array
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ class Param:
         if isinstance(self.default, bool):
             return None if isinstance(value, bool) else f"{self.name} must be a bool"
         if isinstance(self.default, list):
-            if not isinstance(value, (list, tuple)) or not all(
+            # Values that come through the parameter services arrive as array.array('d').
+            if not isinstance(value, (list, tuple, array.array)) or not all(
                 isinstance(v, (int, float)) and math.isfinite(v) for v in value
             ):
                 return f"{self.name} must be a list of finite numbers"
@@ -104,6 +106,15 @@ class Param:
 OnChange = Callable[[dict[str, Any]], str | None]
 
 
+def _plain(spec: Param, value: Any) -> Any:
+    """ints given for float parameters as float; double arrays (array.array) as lists."""
+    if isinstance(spec.default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, array.array):
+        return value.tolist()
+    return value
+
+
 def declare(
     node: Node, params: Sequence[Param], on_change: OnChange | None = None
 ) -> dict[str, Any]:
@@ -117,9 +128,7 @@ def declare(
     by_name = {p.name: p for p in params}
     values: dict[str, Any] = {}
     for p in params:
-        value = node.declare_parameter(p.name, p.default, p.descriptor()).value
-        if isinstance(p.default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        value = _plain(p, node.declare_parameter(p.name, p.default, p.descriptor()).value)
         reason = p.check(value)
         if reason is not None:
             raise ValueError(f"{node.get_name()}: bad parameter: {reason}")
@@ -131,13 +140,7 @@ def declare(
             spec = by_name.get(change.name)
             if spec is None:
                 continue  # parameters rclpy itself owns (use_sim_time, ...)
-            value = change.value
-            if (
-                isinstance(spec.default, float)
-                and isinstance(value, int)
-                and not isinstance(value, bool)
-            ):
-                value = float(value)
+            value = _plain(spec, change.value)
             reason = spec.check(value)
             if reason is not None:
                 return SetParametersResult(successful=False, reason=reason)

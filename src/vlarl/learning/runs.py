@@ -1,0 +1,154 @@
+"""What every learning verb shares: dataclass configs as command lines, run folders, metrics.
+
+A verb's options are the fields of its config dataclass; each field is declared with
+:func:`arg`, whose help text is the field's one-line doc. A run folder holds ``config.json``
+(the config, the command line, versions), ``metrics.jsonl`` (one JSON object per logged step)
+and ``metrics.json`` (the final summary) next to the run's checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import sys
+import time
+import types
+import typing
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from vlarl.learning.errors import LearningError
+
+T = TypeVar("T")
+
+
+def arg(default: Any, help: str, *, required: bool = False, short: str | None = None) -> Any:
+    """A config field with its one-line doc (used as the command-line help)."""
+    meta = {"help": help, "required": required, "short": short}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: default, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """One ``--field-name`` option per dataclass field (bools get ``--x/--no-x``)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+        help_text = f.metadata.get("help", "")
+        typ = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if typ is bool:
+            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=help_text)
+            continue
+        if typing.get_origin(typ) in (typing.Union, types.UnionType):
+            typ = next(a for a in typing.get_args(typ) if a is not type(None))
+        conv = typ if typ in (int, float, str) else str
+        required = bool(f.metadata.get("required"))
+        suffix = "" if required else f" (default: {default})"
+        parser.add_argument(*names, dest=f.name, type=conv, default=default,
+                            required=required, help=help_text + suffix)
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    """Build the config dataclass from parsed arguments (unknown attributes are ignored)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**values)
+
+
+def set_seed(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int) -> None:
+    """Limit PyTorch's CPU threads (the machine is shared; 1-2 threads are plenty here)."""
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+
+
+def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool, marker: str) -> Path:
+    """Create the run folder; refuse to reuse one holding ``marker`` unless ``overwrite``."""
+    run_dir = Path(path)
+    if (run_dir / marker).exists() and not overwrite:
+        raise LearningError(f"{run_dir / marker} exists; pass --overwrite or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for mod in ("vlarl", "torch", "numpy", "onnx", "onnxruntime", "metaworld", "mujoco"):
+        try:
+            out[mod] = str(__import__(mod).__version__)
+        except Exception:
+            continue
+    return out
+
+
+def write_config(run_dir: Path, verb: str, config: Any) -> dict[str, Any]:
+    """Write ``config.json``: the verb, its config, the command line and package versions."""
+    doc = {
+        "verb": verb,
+        "config": dataclasses.asdict(config),
+        "argv": sys.argv,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "versions": _versions(),
+    }
+    write_json(run_dir / "config.json", doc)
+    return doc
+
+
+def write_json(path: Path, doc: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+class MetricsLog:
+    """Appends one JSON line per call to ``metrics.jsonl``; ``summary`` writes metrics.json."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.summary_path = run_dir / "metrics.json"
+        self.path.write_text("")
+        self._t0 = time.perf_counter()
+
+    def log(self, **values: Any) -> None:
+        values = {"time_s": round(time.perf_counter() - self._t0, 3), **values}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(values, default=_json_default) + "\n")
+
+    def summary(self, **values: Any) -> None:
+        write_json(self.summary_path, values)

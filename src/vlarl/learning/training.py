@@ -1,0 +1,125 @@
+"""Pieces the training verbs share: loading demonstrations, building a policy, EMA, LR."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlarl.data.errors import ReplayError
+from vlarl.data.replay import Replay, load_replay
+from vlarl.learning import envs
+from vlarl.learning.dataset import ChunkDataset, build_chunks
+from vlarl.learning.errors import LearningError
+from vlarl.learning.instructions import task_embeddings
+from vlarl.learning.networks import PolicyBase, PolicySpec, build_policy
+
+
+def load_demonstrations(
+    data: str,
+    *,
+    tasks: str,
+    chunk_length: int,
+    use_instructions: bool,
+) -> tuple[ChunkDataset, Replay]:
+    """Chunked samples of one or more replay directories (comma-separated)."""
+    dirs = [Path(d.strip()) for d in data.split(",") if d.strip()]
+    if not dirs:
+        raise LearningError("--data names no replay directory")
+    try:
+        replay = load_replay(dirs)
+    except ReplayError as exc:
+        raise LearningError(f"cannot load demonstrations: {exc}") from None
+    chosen = envs.parse_tasks(tasks) if tasks else tuple(replay.tasks)
+    lacking = [t for t in chosen if t not in replay.tasks]
+    if lacking:
+        raise LearningError(f"the replay has no data of {lacking} (it has {list(replay.tasks)})")
+    instructions = task_embeddings(chosen) if use_instructions else None
+    dataset = build_chunks(
+        replay, chunk_length=chunk_length, tasks=chosen, instructions=instructions
+    )
+    return dataset, replay
+
+
+def new_policy(
+    kind: str,
+    dataset: ChunkDataset,
+    *,
+    hidden: int,
+    depth: int,
+    obs_kind: str,
+    steps: int = 10,
+    instr_proj: int = 64,
+    time_features: int = 16,
+) -> PolicyBase:
+    """A fresh policy of ``kind`` sized for ``dataset``, with its normalizer fitted to it."""
+    instr_dim = 0 if dataset.instructions is None else int(dataset.instructions.shape[1])
+    spec = PolicySpec(
+        kind=kind,
+        obs_dim=int(dataset.obs.shape[1]),
+        action_dim=int(dataset.chunks.shape[2]),
+        chunk_length=dataset.chunk_length,
+        instr_dim=instr_dim,
+        hidden=hidden,
+        depth=depth,
+        instr_proj=instr_proj,
+        time_features=time_features,
+        steps=steps,
+        obs_kind=obs_kind,
+        tasks=list(dataset.tasks),
+        control_dt=envs.CONTROL_DT,
+    )
+    policy = build_policy(spec)
+    policy.normalizer.fit(
+        dataset.obs,
+        action_low=-np.ones(spec.action_dim),
+        action_high=np.ones(spec.action_dim),
+    )
+    return policy
+
+
+def instructions_of(dataset: ChunkDataset) -> dict[str, np.ndarray] | None:
+    if dataset.instructions is None:
+        return None
+    return {t: dataset.instructions[i] for i, t in enumerate(dataset.tasks)}
+
+
+class EMA:
+    """Exponential moving average of a module's weights (the copy is what gets saved)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for ema_p, p in zip(self.module.parameters(), module.parameters(), strict=True):
+            ema_p.lerp_(p.detach(), 1.0 - self.decay)
+        for ema_b, b in zip(self.module.buffers(), module.buffers(), strict=True):
+            ema_b.copy_(b)
+
+
+def cosine_lr(step: int, *, total: int, base: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to 10% of ``base``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=lr,
+    )

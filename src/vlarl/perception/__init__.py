@@ -1,0 +1,1 @@
+"""Perception: camera frames and proprioception -> a stamped observation vector."""

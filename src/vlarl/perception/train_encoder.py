@@ -1,0 +1,414 @@
+"""Train the image encoder: a small CNN that estimates the task's poses from one camera frame.
+
+A learned pose estimator for the embedded robot. Frames are rendered from Meta-World rollouts of
+the scripted experts with Gaussian action noise (so the arm, the gripper and the objects visit
+more of the workspace than a clean demonstration would); the targets are the privileged state's
+pose features (:data:`vlarl.sim.layout.POSE_FEATURES`: hand xyz, gripper opening, object xyz,
+goal xyz). Whole episodes are held out for the error report. The network (conv stack ->
+spatial soft-argmax keypoints + pooled features -> MLP) outputs features in metres; target
+normalization lives inside the exported graph. Export: ONNX with the encoder contract's metadata
+(:mod:`vlarl.perception.encoder`), then the file is re-loaded through :class:`ImageEncoder` and
+checked against the PyTorch outputs.
+
+    python -m vlarl.perception.train_encoder --out models/image_encoder.onnx \
+        --cache data/encoder_frames.npz
+
+Rendering is the slow part (~80-100 ms per frame on CPU); ``--cache`` keeps the frames so that
+re-training skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vlarl.perception.encoder import INPUT_IMAGE, OUTPUT_FEATURES, EncoderMetadata, ImageEncoder
+from vlarl.perception.preprocess import PreprocessConfig, Preprocessor, channel_stats
+from vlarl.sim.layout import POSE_FEATURE_INDEX, POSE_FEATURE_NAMES
+from vlarl.sim.render import DEFAULT_CAMERA, CameraConfig, OffscreenRenderer
+
+DEFAULT_TASKS = ("pick-place-v3", "push-v3", "reach-v3")
+NOISE_LEVELS = (0.0, 0.3, 0.6, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class CollectConfig:
+    """What frames to render."""
+
+    tasks: tuple[str, ...] = DEFAULT_TASKS  # Meta-World tasks to roll out
+    frames_per_task: int = 800  # frames rendered per task
+    every: int = 3  # render every n-th step of an episode
+    max_steps: int = 200  # episode cap (experts finish in ~50-100 steps)
+    seed: int = 1234  # robot seed (layouts) and noise seed
+    camera: CameraConfig = CameraConfig()  # camera and frame size
+
+
+@dataclass
+class Dataset:
+    frames: np.ndarray  # uint8 [N, h, w, 3]
+    targets: np.ndarray  # float32 [N, F]
+    episode: np.ndarray  # int [N], unique over tasks
+    task: np.ndarray  # int [N], index into tasks
+    tasks: tuple[str, ...]
+    camera: str
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            path,
+            frames=self.frames,
+            targets=self.targets,
+            episode=self.episode,
+            task=self.task,
+            tasks=np.array(self.tasks),
+            camera=np.array(self.camera),
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Dataset:
+        with np.load(path) as z:
+            return cls(
+                frames=z["frames"],
+                targets=z["targets"],
+                episode=z["episode"],
+                task=z["task"],
+                tasks=tuple(str(t) for t in z["tasks"]),
+                camera=str(z["camera"]),
+            )
+
+
+def collect(config: CollectConfig, *, log: bool = True) -> Dataset:
+    """Roll out noisy experts and render frames with their pose-feature targets."""
+    from metaworld.policies import ENV_POLICY_MAP
+
+    from vlarl.sim.robot import MetaWorldRobot
+
+    rng = np.random.default_rng(config.seed)
+    frames: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    episodes: list[int] = []
+    task_ids: list[int] = []
+    index = np.asarray(POSE_FEATURE_INDEX)
+    episode_id = 0
+    start = time.perf_counter()
+    with OffscreenRenderer(config.camera) as renderer:
+        for t_index, task in enumerate(config.tasks):
+            policy = ENV_POLICY_MAP[task]()
+            robot = MetaWorldRobot(task, seed=config.seed + t_index, max_episode_steps=10_000)
+            count = 0
+            while count < config.frames_per_task:
+                sigma = float(rng.choice(NOISE_LEVELS))
+                # Some episodes keep the gripper state random so open/closed is seen everywhere.
+                random_gripper = rng.random() < 0.25
+                robot.reset()
+                offset = int(rng.integers(config.every))
+                for step in range(config.max_steps):
+                    if (step + offset) % config.every == 0:
+                        frames.append(renderer.render_data(robot.model, robot.data))
+                        targets.append(robot.state[index].astype(np.float32))
+                        episodes.append(episode_id)
+                        task_ids.append(t_index)
+                        count += 1
+                        if count >= config.frames_per_task:
+                            break
+                    action = np.asarray(policy.get_action(robot.state), dtype=np.float64)
+                    action = action + sigma * rng.standard_normal(4)
+                    if random_gripper:
+                        action[3] = rng.uniform(-1.0, 1.0)
+                    robot.step(np.clip(action, -1.0, 1.0))
+                    if robot.done:
+                        break
+                episode_id += 1
+            robot.close()
+            if log:
+                elapsed = time.perf_counter() - start
+                print(f"[collect] {task}: {count} frames, {elapsed:.0f} s so far", flush=True)
+    return Dataset(
+        frames=np.stack(frames),
+        targets=np.stack(targets),
+        episode=np.asarray(episodes),
+        task=np.asarray(task_ids),
+        tasks=tuple(config.tasks),
+        camera=config.camera.camera,
+    )
+
+
+def build_model(n_out: int, *, keypoints: int = 32):  # type: ignore[no-untyped-def]
+    """Conv stack -> spatial soft-argmax keypoints + pooled features -> MLP -> n_out."""
+    import torch
+    from torch import nn
+
+    class SpatialSoftArgmax(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, c, h, w = x.shape
+            attention = torch.softmax(x.flatten(2), dim=-1).view(b, c, h, w)
+            ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+            xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+            ey = (attention.sum(dim=3) * ys).sum(dim=2)
+            ex = (attention.sum(dim=2) * xs).sum(dim=2)
+            return torch.cat([ex, ey], dim=1)
+
+    class PoseCNN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.trunk = nn.Sequential(
+                nn.Conv2d(3, 32, 5, stride=2, padding=2),
+                nn.GroupNorm(8, 32),
+                nn.ReLU(),
+                nn.Conv2d(32, 32, 3, padding=1),
+                nn.GroupNorm(8, 32),
+                nn.ReLU(),
+                nn.Conv2d(32, 64, 3, stride=2, padding=1),
+                nn.GroupNorm(8, 64),
+                nn.ReLU(),
+                nn.Conv2d(64, 64, 3, padding=1),
+                nn.GroupNorm(8, 64),
+                nn.ReLU(),
+            )
+            self.keypoints = nn.Conv2d(64, keypoints, 1)
+            self.soft_argmax = SpatialSoftArgmax()
+            self.head = nn.Sequential(
+                nn.Linear(2 * keypoints + 64, 256),
+                nn.ReLU(),
+                nn.Linear(256, 256),
+                nn.ReLU(),
+                nn.Linear(256, n_out),
+            )
+            self.register_buffer("target_mean", torch.zeros(n_out))
+            self.register_buffer("target_std", torch.ones(n_out))
+
+        def forward_normalized(self, image: torch.Tensor) -> torch.Tensor:
+            x = self.trunk(image)
+            points = self.soft_argmax(self.keypoints(x))
+            pooled = x.mean(dim=(2, 3))
+            return self.head(torch.cat([points, pooled], dim=1))
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.forward_normalized(image) * self.target_std + self.target_mean
+
+    return PoseCNN()
+
+
+def split_episodes(dataset: Dataset, *, held_out: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Indices (train, test): whole episodes are held out, per task."""
+    rng = np.random.default_rng(seed)
+    test_eps: list[int] = []
+    for t in np.unique(dataset.task):
+        eps = np.unique(dataset.episode[dataset.task == t])
+        n = max(1, round(held_out * len(eps)))
+        test_eps.extend(rng.choice(eps, size=n, replace=False).tolist())
+    is_test = np.isin(dataset.episode, test_eps)
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def train(
+    dataset: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    held_out: float = 0.2,
+    seed: int = 0,
+    threads: int = 1,
+    log: bool = True,
+):  # type: ignore[no-untyped-def]
+    """Train on the dataset; returns (model, preprocess config, held-out MAE per feature)."""
+    import torch
+
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
+    train_idx, test_idx = split_episodes(dataset, held_out=held_out, seed=seed)
+    mean, std = channel_stats(dataset.frames[train_idx])
+    pconfig = PreprocessConfig(
+        height=dataset.frames.shape[1],
+        width=dataset.frames.shape[2],
+        mean=(mean[0], mean[1], mean[2]),
+        std=(std[0], std[1], std[2]),
+    )
+    pre = Preprocessor(pconfig)
+    images = torch.from_numpy(pre.batch(list(dataset.frames)))
+    targets = torch.from_numpy(dataset.targets.astype(np.float32))
+    t_mean = targets[train_idx].mean(dim=0)
+    t_std = targets[train_idx].std(dim=0).clamp_min(1e-3)
+    model = build_model(targets.shape[1])
+    model.target_mean.copy_(t_mean)
+    model.target_std.copy_(t_std)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = max(1, len(train_idx) // batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.15
+    )
+    gen = torch.Generator().manual_seed(seed)
+    train_t = torch.from_numpy(train_idx)
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        order = train_t[torch.randperm(len(train_t), generator=gen)]
+        total = 0.0
+        for b in range(steps_per_epoch):
+            idx = order[b * batch_size : (b + 1) * batch_size]
+            x = images[idx]
+            # Photometric jitter only: pixel geometry is what the targets depend on.
+            gain = 1.0 + 0.1 * (torch.rand(len(idx), 1, 1, 1, generator=gen) - 0.5)
+            bias = 0.2 * (torch.rand(len(idx), 3, 1, 1, generator=gen) - 0.5)
+            x = x * gain + bias
+            y = (targets[idx] - t_mean) / t_std
+            loss = torch.nn.functional.smooth_l1_loss(model.forward_normalized(x), y, beta=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            total += float(loss)
+        if log and (epoch % 5 == 4 or epoch == epochs - 1):
+            mae = evaluate(model, images[test_idx], targets[test_idx])
+            print(
+                f"[train] epoch {epoch + 1}/{epochs} loss {total / steps_per_epoch:.4f} "
+                f"held-out MAE(cm) hand {100 * np.mean(mae[:3]):.2f} obj "
+                f"{100 * np.mean(mae[4:7]):.2f} goal {100 * np.mean(mae[7:10]):.2f} "
+                f"gripper {mae[3]:.3f}  {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
+    mae = evaluate(model, images[test_idx], targets[test_idx])
+    info = {
+        "train_frames": len(train_idx),
+        "test_frames": len(test_idx),
+        "test_episodes": len(np.unique(dataset.episode[test_idx])),
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "test_mae_by_task": {
+            task: dict(
+                zip(
+                    POSE_FEATURE_NAMES,
+                    evaluate(
+                        model,
+                        images[test_idx[dataset.task[test_idx] == t]],
+                        targets[test_idx[dataset.task[test_idx] == t]],
+                    ).tolist(),
+                    strict=True,
+                )
+            )
+            for t, task in enumerate(dataset.tasks)
+        },
+    }
+    return model, pconfig, dict(zip(POSE_FEATURE_NAMES, mae.tolist(), strict=True)), info
+
+
+def evaluate(model, images, targets) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Mean absolute error per feature (physical units)."""
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(images[i : i + 256]) for i in range(0, len(images), 256)])
+    return (pred - targets).abs().mean(dim=0).numpy()
+
+
+def export(
+    model,  # type: ignore[no-untyped-def]
+    path: Path,
+    *,
+    pconfig: PreprocessConfig,
+    dataset: Dataset,
+    mae: dict[str, float],
+    version: int,
+) -> EncoderMetadata:
+    """Write the ONNX file with the encoder contract's metadata; returns the metadata."""
+    import onnx
+    import torch
+
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dummy = torch.zeros(1, 3, pconfig.height, pconfig.width)
+    torch.onnx.export(
+        model,
+        (dummy,),
+        str(path),
+        input_names=[INPUT_IMAGE],
+        output_names=[OUTPUT_FEATURES],
+        dynamic_axes={INPUT_IMAGE: {0: "batch"}, OUTPUT_FEATURES: {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    meta = EncoderMetadata(
+        model_id="metaworld-pose-cnn",
+        version=version,
+        feature_names=POSE_FEATURE_NAMES,
+        input_height=pconfig.height,
+        input_width=pconfig.width,
+        crop=pconfig.crop,
+        mean=pconfig.mean,
+        std=pconfig.std,
+        camera=dataset.camera,
+        frame_height=int(dataset.frames.shape[1]),
+        frame_width=int(dataset.frames.shape[2]),
+        tasks=dataset.tasks,
+        held_out_mae={k: round(v, 5) for k, v in mae.items()},
+        created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in meta.to_props().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("models/image_encoder.onnx"))
+    parser.add_argument("--cache", type=Path, default=None, help="npz of rendered frames")
+    parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
+    parser.add_argument("--frames-per-task", type=int, default=800)
+    parser.add_argument("--camera", default=DEFAULT_CAMERA)
+    parser.add_argument("--size", type=int, default=84, help="frame width and height")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--version", type=int, default=1)
+    args = parser.parse_args(argv)
+
+    if args.cache is not None and args.cache.is_file():
+        dataset = Dataset.load(args.cache)
+        print(f"[collect] loaded {len(dataset.frames)} frames from {args.cache}", flush=True)
+    else:
+        dataset = collect(
+            CollectConfig(
+                tasks=tuple(args.tasks),
+                frames_per_task=args.frames_per_task,
+                seed=args.seed,
+                camera=CameraConfig(camera=args.camera, width=args.size, height=args.size),
+            )
+        )
+        if args.cache is not None:
+            dataset.save(args.cache)
+    model, pconfig, mae, info = train(
+        dataset, epochs=args.epochs, seed=args.seed, threads=args.threads
+    )
+    meta = export(model, args.out, pconfig=pconfig, dataset=dataset, mae=mae, version=args.version)
+
+    # The file must load through the contract and agree with PyTorch.
+    import torch
+
+    encoder = ImageEncoder(args.out)
+    sample = dataset.frames[:16]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(Preprocessor(pconfig).batch(list(sample)))).numpy()
+    onnx_out = encoder.encode_frames(sample)
+    gap = float(np.abs(onnx_out - reference).max())
+    if gap > 1e-3:
+        raise SystemExit(f"ONNX and PyTorch outputs differ by {gap}")
+    report = {"encoder": meta.tag, "held_out_mae": mae, "onnx_vs_torch_max_abs": gap, **info}
+    print(json.dumps(report, indent=2), flush=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
