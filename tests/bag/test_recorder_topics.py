@@ -40,7 +40,9 @@ def test_default_topics_are_the_control_path() -> None:
 
 
 def test_explicit_topic_list() -> None:
-    plans = plan_topics(" reward, /robot/status ,my/topic:std_msgs/String, reward", record_images=True)
+    plans = plan_topics(
+        " reward, /robot/status ,my/topic:std_msgs/String, reward", record_images=True
+    )
     assert [(p.name, p.msgtype) for p in plans] == [
         ("reward", "sensor_msgs/msg/JointState"),
         ("/robot/status", "sensor_msgs/msg/JointState"),

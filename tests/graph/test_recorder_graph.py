@@ -207,9 +207,11 @@ def test_refuses_to_overwrite_a_bag_or_record_unknown_types(start: Any, tmp_path
     existing = tmp_path / "taken"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    taken = start("recorder", output_dir=str(tmp_path), bag_name="taken")
-    unknown = start("recorder", output_dir=str(tmp_path), bag_name="x", topics="a:foo/Bar")
-    for node, reason in ((taken, "exists already"), (unknown, "no message definition")):
+    for overrides, reason in (
+        ({"bag_name": "taken"}, "exists already"),
+        ({"bag_name": "x", "topics": "a:foo/Bar"}, "no message definition"),
+    ):  # one after the other: both log to logs/recorder.log
+        node = start("recorder", output_dir=str(tmp_path), **overrides)
         assert wait_until(lambda node=node: not node.alive(), timeout=READY_TIMEOUT)
         assert node.process.returncode == 2
         assert reason in (node.log_path.read_text() if node.log_path else "")
