@@ -9,6 +9,7 @@ reference of the same network, so tests can check what ONNX Runtime computes.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -90,7 +91,7 @@ def _weights(spec: Spec) -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(spec.seed)
     sizes = [spec.obs_dim + spec.instr_dim, *spec.hidden, spec.chunk_length * spec.action_dim]
     layers = []
-    for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+    for n_in, n_out in itertools.pairwise(sizes):
         w = (rng.normal(size=(n_in, n_out)) * spec.weight_scale / np.sqrt(n_in)).astype(np.float32)
         b = (rng.normal(size=n_out) * 0.1).astype(np.float32)
         layers.append((w, b))
@@ -168,8 +169,10 @@ def make_policy(
     inits.append(numpy_helper.from_array(np.array(target, dtype=np.int64), "shape"))
     nodes.append(helper.make_node("Reshape", [x, "shape"], [out_name]))
 
-    obs_shape = declared_obs_shape if declared_obs_shape is not None else ["batch", spec.obs_dim]
-    out_shape = declared_out_shape if declared_out_shape is not None else ["batch", H, A]
+    default_obs: list[int | str | None] = ["batch", spec.obs_dim]
+    default_out: list[int | str | None] = ["batch", H, A]
+    obs_shape = declared_obs_shape if declared_obs_shape is not None else default_obs
+    out_shape = declared_out_shape if declared_out_shape is not None else default_out
     inputs = [_tensor(obs_name, elem_type, obs_shape)]
     if use_instr:
         inputs.append(_tensor(instr_name, elem_type, ["batch", spec.instr_dim]))
@@ -253,9 +256,7 @@ BROKEN: dict[str, tuple[Callable[[], onnx.ModelProto], str]] = {
     ),
     "float64": (lambda: make_policy(elem_type=TensorProto.DOUBLE).model, "float32"),
     "missing_instruction_input": (
-        lambda: make_policy(
-            instr_dim=3, tasks=("a", "b"), with_instruction_input=False
-        ).model,
+        lambda: make_policy(instr_dim=3, tasks=("a", "b"), with_instruction_input=False).model,
         "'instruction'",
     ),
     "unexpected_instruction_input": (
@@ -269,16 +270,16 @@ BROKEN: dict[str, tuple[Callable[[], onnx.ModelProto], str]] = {
     "probe_nan": (lambda: make_policy(post="nan").model, "non-finite"),
     "probe_wrong_shape": (
         # declared symbolic, but at run time the graph yields [1, 4, 8] instead of [1, 8, 4]
-        lambda: make_policy(
-            declared_out_shape=["batch", "h", "a"], runtime_out_shape=[-1, 4, 8]
-        ).model,
+        lambda: (
+            make_policy(declared_out_shape=["batch", "h", "a"], runtime_out_shape=[-1, 4, 8]).model
+        ),
         "shape",
     ),
     "probe_runtime_error": (
         # Reshape to a size that cannot hold 32 numbers: the probe inference itself fails
-        lambda: make_policy(
-            declared_out_shape=["batch", "h", "a"], runtime_out_shape=[-1, 5, 5]
-        ).model,
+        lambda: (
+            make_policy(declared_out_shape=["batch", "h", "a"], runtime_out_shape=[-1, 5, 5]).model
+        ),
         "probe inference failed",
     ),
 }

@@ -26,6 +26,16 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "export": ("vlarl.learning.export", "export a checkpoint to ONNX (and TensorRT on a GPU)"),
     "evaluate": ("vlarl.learning.evaluate", "evaluate a policy in-process on Meta-World tasks"),
+    "collect-reward": (
+        "vlarl.rewardmodels.episodes",
+        "collect labelled noisy-expert episodes and near-misses for the reward models",
+    ),
+    "train-detector": ("vlarl.rewardmodels.cli_train_detector", "train the success detector"),
+    "train-progress": ("vlarl.rewardmodels.cli_train_progress", "train the steps-to-go model"),
+    "eval-reward": (
+        "vlarl.rewardmodels.cli_eval_reward",
+        "evaluate a success detector / progress model on held-out episodes",
+    ),
 }
 
 

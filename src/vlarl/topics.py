@@ -51,6 +51,7 @@ COMMAND = "safety/command"
 SAFETY_STATUS = "safety/status"
 REWARD = "reward"
 EPISODE = "reward/episode"
+HUMAN_LABEL = "reward/human_label"
 TELEOP = "teleop/twist"
 POLICY_WEIGHTS = "policy_weights"
 MARKERS = "visualization/markers"
@@ -160,6 +161,14 @@ TOPICS: tuple[TopicSpec, ...] = (
         "JSON: episode, task, success, steps, return, success_source",
     ),
     TopicSpec(
+        HUMAN_LABEL,
+        "std_msgs/String",
+        "reward",
+        "per label",
+        "JSON: stamp (ns of the latest status), episode, label (success/failure), success, task, "
+        "applied (ended the episode: success_source human), success_source",
+    ),
+    TopicSpec(
         TELEOP,
         "geometry_msgs/TwistStamped",
         "teleoperation",
@@ -194,6 +203,15 @@ TOPICS: tuple[TopicSpec, ...] = (
         "safety",
         "on request",
         "true latches a hold until a call with false releases it",
+        kind="service",
+    ),
+    TopicSpec(
+        REWARD_LABEL,
+        "std_srvs/SetBool",
+        "reward",
+        "on request",
+        "human label: true = success, false = failure; with success_source human it ends the "
+        "episode in progress; always published on reward/human_label",
         kind="service",
     ),
 )

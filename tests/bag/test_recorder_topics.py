@@ -27,6 +27,7 @@ def test_default_topics_are_the_control_path() -> None:
         topics.SAFETY_STATUS,
         topics.REWARD,
         topics.EPISODE,
+        topics.HUMAN_LABEL,
         topics.TELEOP,
     }
     types = {p.name: p.msgtype for p in plans}

@@ -6,6 +6,7 @@ publishes observations from an in-test rclpy node and checks the actions that co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -68,10 +69,8 @@ class Harness:
         self.thread.start()
 
     def _spin(self) -> None:
-        try:
+        with contextlib.suppress(Exception):  # context shut down at the end of the test
             self.executor.spin()
-        except Exception:
-            pass  # context shut down at the end of the test
 
     def _on_action(self, msg: Any) -> None:
         stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec
@@ -91,9 +90,11 @@ class Harness:
     def wait_ready(self) -> None:
         """Pub/sub matched and parameter service up (hard timeout)."""
         ok = wait_until(
-            lambda: self.obs_pub.get_subscription_count() >= 1
-            and self.action_sub.get_publisher_count() >= 1
-            and self.set_client.service_is_ready(),
+            lambda: (
+                self.obs_pub.get_subscription_count() >= 1
+                and self.action_sub.get_publisher_count() >= 1
+                and self.set_client.service_is_ready()
+            ),
             timeout=READY_TIMEOUT,
         )
         assert ok, "policy node did not come up (matched pub/sub + parameter service)"
@@ -161,7 +162,9 @@ class Harness:
         from rcl_interfaces.srv import SetParameters
         from rclpy.parameter import Parameter
 
-        request = SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()])
+        request = SetParameters.Request(
+            parameters=[Parameter(name, value=value).to_parameter_msg()]
+        )
         result = self.call(lambda: self.set_client.call_async(request), timeout=timeout)
         return result.results[0]
 

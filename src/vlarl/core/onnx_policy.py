@@ -334,7 +334,9 @@ class OnnxPolicy:
             self._select_task(task)
         obs_buf = self._obs
         if obs.shape != obs_buf.shape[1:]:
-            raise ValueError(f"expected an observation of shape {obs_buf.shape[1:]}, got {obs.shape}")
+            raise ValueError(
+                f"expected an observation of shape {obs_buf.shape[1:]}, got {obs.shape}"
+            )
         np.copyto(obs_buf[0], obs, casting="same_kind")
         self._session.run_with_iobinding(self._binding)
         chunk = self._out[0]
@@ -361,7 +363,8 @@ class OnnxPolicy:
             instruction = np.ascontiguousarray(instruction, dtype=np.float32)
             if instruction.shape != (obs.shape[0], m.instr_dim):
                 raise ValueError(
-                    f"expected instructions [{obs.shape[0]}, {m.instr_dim}], got {instruction.shape}"
+                    f"expected instructions [{obs.shape[0]}, {m.instr_dim}], "
+                    f"got {instruction.shape}"
                 )
             feeds[INPUT_INSTRUCTION] = instruction
         elif instruction is not None and instruction.size:

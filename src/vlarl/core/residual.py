@@ -66,7 +66,8 @@ class MLPResidual:
             b = np.ascontiguousarray(b, dtype=np.float32)
             if w.ndim != 2 or w.shape[0] != width or b.shape != (w.shape[1],):
                 raise ResidualError(
-                    f"layer {i}: expected weight [{width}, n] and bias [n], got {w.shape}, {b.shape}"
+                    f"layer {i}: expected weight [{width}, n] and bias [n], "
+                    f"got {w.shape}, {b.shape}"
                 )
             if not (np.isfinite(w).all() and np.isfinite(b).all()):
                 raise ResidualError(f"layer {i} has non-finite weights")

@@ -30,6 +30,7 @@ import torch
 from tqdm import trange
 
 from vlarl.learning.checkpoint import load_checkpoint, save_checkpoint
+from vlarl.learning.dataset import ChunkDataset
 from vlarl.learning.errors import LearningError
 from vlarl.learning.networks import ConsistencyPolicy, FlowPolicy, build_policy, parameter_count
 from vlarl.learning.runs import (
@@ -100,8 +101,13 @@ def consistency_losses(
     anchor_fraction: float,
     noise_scale: float,
     gen: torch.Generator,
+    anchor_targets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(consistency-distillation loss, endpoint-anchor loss) for one batch."""
+    """(consistency-distillation loss, endpoint-anchor loss) for one batch.
+
+    ``anchor_targets`` [B, H*A] are the teacher's K-step answers from x_0 = 0 for this batch,
+    precomputed once (deterministic start); without them they are integrated here.
+    """
     b = obs.shape[0]
     x1 = student.normalized_targets(chunks)
     cond = student.condition(obs, instr)
@@ -118,12 +124,30 @@ def consistency_losses(
     m = int(round(anchor_fraction * b))
     if m == 0:
         return cd, torch.zeros(())
-    start = noise_scale * torch.randn((m, x1.shape[1]), generator=gen)
-    with torch.no_grad():
-        end = teacher.integrate(start.clone(), cond_teacher[:m], steps=grid)
+    if anchor_targets is not None and noise_scale == 0:
+        start = torch.zeros((m, x1.shape[1]))
+        end = anchor_targets[:m]
+    else:
+        start = noise_scale * torch.randn((m, x1.shape[1]), generator=gen)
+        with torch.no_grad():
+            end = teacher.integrate(start.clone(), cond_teacher[:m], steps=grid)
     zero_t = torch.zeros(m)
     anchor = torch.mean((student.consistency(start, zero_t, cond[:m]) - end) ** 2)
     return cd, anchor
+
+
+@torch.no_grad()
+def teacher_endpoints(teacher: FlowPolicy, dataset: ChunkDataset, *, steps: int,
+                      batch: int = 4096) -> torch.Tensor:
+    """The teacher's K-step answer from x_0 = 0 for every sample (the deployed start)."""
+    data = dataset.tensors()
+    out = torch.empty(len(dataset), teacher.flat)
+    for lo in trange(0, len(dataset), batch, desc="teacher endpoints", unit="batch",
+                     mininterval=1.0):
+        index = torch.arange(lo, min(lo + batch, len(dataset)))
+        obs, _, instr = data.batch(index)
+        out[index] = teacher.sample_normalized(teacher.condition(obs, instr), steps=steps)
+    return out
 
 
 def train(cfg: DistillConfig) -> dict[str, object]:
@@ -146,6 +170,9 @@ def train(cfg: DistillConfig) -> dict[str, object]:
     if dataset.instructions is not None:  # the teacher's own embeddings, not recomputed ones
         for i, task in enumerate(dataset.tasks):
             dataset.instructions[i] = ckpt.instructions[task]
+    anchors = None
+    if cfg.anchor_weight > 0 and cfg.noise_scale == 0:
+        anchors = teacher_endpoints(teacher, dataset, steps=grid)
     student = make_student(teacher, hidden=cfg.hidden, depth=cfg.depth)
     student.train()
     target = EMA(student, cfg.target_ema)
@@ -168,6 +195,7 @@ def train(cfg: DistillConfig) -> dict[str, object]:
             student, target.module, teacher, obs, chunks, instr, grid=grid,
             anchor_fraction=cfg.anchor_fraction if cfg.anchor_weight > 0 else 0.0,
             noise_scale=cfg.noise_scale, gen=gen,
+            anchor_targets=None if anchors is None else anchors[index],
         )
         loss = cd + cfg.anchor_weight * anchor
         opt.zero_grad(set_to_none=True)

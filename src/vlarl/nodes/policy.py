@@ -47,7 +47,9 @@ from vlarl.topics import OBSERVATION, POLICY_ACTION, POLICY_STATUS, ROBOT_STATUS
 
 DEFAULT_MODEL = "models/pick-place-v3-student.onnx"
 # Reliable, deep enough to bridge a few hundred ms of stall at 200 Hz without losing a tick.
-OBS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE)
+OBS_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE
+)
 ACTION_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE
 )

@@ -3,8 +3,9 @@
 Publishes, per simulator sample (all with one stamp): ``robot/task_state`` (39-d privileged
 state, frame_id = task), ``joint_states`` (Sawyer joints + finger slides), ``robot/status``
 (episode, step, success, terminal, truncated, env_reward) and ``/clock`` (simulated time);
-``camera/image_raw`` (rgb8) at ``camera_rate_hz``, rendered on a background thread from a
-snapshot of the newest sample and stamped with that sample's stamp. Takes
+``camera/image_raw`` (rgb8) at ``camera_rate_hz`` (or, in lockstep with
+``camera_every_sample``, once per sample), rendered on a background thread from a snapshot of
+the newest sample and stamped with that sample's stamp. Takes
 ``safety/command`` (dx, dy, dz, gripper). ``sim_robot/reset`` (std_srvs/Trigger) ends the episode
 as truncated and resets; the ``task`` and ``seed`` parameters rebuild the environment.
 
@@ -56,35 +57,96 @@ def _params() -> list[Any]:
     from vlarl.sim.render import DEFAULT_CAMERA
 
     return [
-        Param("task", DEFAULT_TASK, "Meta-World v3 task; a change ends the episode (truncated), "
-              "rebuilds the environment and resets"),
-        Param("seed", 0, "base seed: fixes the task's layouts; episode k resets with a seed "
-              "derived from (seed, k); a change rebuilds like a task change", low=0,
-              high=2**31 - 1),
-        Param("mode", "lockstep", "lockstep: step once per command answering the newest sample; "
-              "realtime: step on a timer at 1/control_dt", choices=("lockstep", "realtime")),
-        Param("control_dt", CONTROL_DT, "realtime mode: wall seconds per step (0.0125 = "
-              "Meta-World's dt, i.e. real time)", low=0.001, high=1.0),
-        Param("max_episode_steps", MAX_EPISODE_STEPS, "steps after which an episode is truncated",
-              low=1, high=1_000_000),
+        Param(
+            "task",
+            DEFAULT_TASK,
+            "Meta-World v3 task; a change ends the episode (truncated), "
+            "rebuilds the environment and resets",
+        ),
+        Param(
+            "seed",
+            0,
+            "base seed: fixes the task's layouts; episode k resets with a seed "
+            "derived from (seed, k); a change rebuilds like a task change",
+            low=0,
+            high=2**31 - 1,
+        ),
+        Param(
+            "mode",
+            "lockstep",
+            "lockstep: step once per command answering the newest sample; "
+            "realtime: step on a timer at 1/control_dt",
+            choices=("lockstep", "realtime"),
+        ),
+        Param(
+            "control_dt",
+            CONTROL_DT,
+            "realtime mode: wall seconds per step (0.0125 = Meta-World's dt, i.e. real time)",
+            low=0.001,
+            high=1.0,
+        ),
+        Param(
+            "max_episode_steps",
+            MAX_EPISODE_STEPS,
+            "steps after which an episode is truncated",
+            low=1,
+            high=1_000_000,
+        ),
         Param("end_on_success", True, "end the episode (terminal) when the task succeeds"),
-        Param("command_timeout_s", 0.1, "realtime mode: a command older than this is not "
-              "applied; the robot holds", low=0.001, high=10.0),
-        Param("lockstep_timeout_s", 0.25, "lockstep mode: publish the current sample again if "
-              "no command answers it within this time", low=0.005, high=60.0),
-        Param("camera_rate_hz", 5.0, "camera frames per wall second (0 disables the camera)",
-              low=0.0, high=100.0),
-        Param("camera_name", DEFAULT_CAMERA, "MuJoCo camera to render (corner, corner2, "
-              "corner3, corner4, topview, behindGripper, gripperPOV)"),
+        Param(
+            "command_timeout_s",
+            0.1,
+            "realtime mode: a command older than this is not applied; the robot holds",
+            low=0.001,
+            high=10.0,
+        ),
+        Param(
+            "lockstep_timeout_s",
+            0.25,
+            "lockstep mode: publish the current sample again if "
+            "no command answers it within this time",
+            low=0.005,
+            high=60.0,
+        ),
+        Param(
+            "camera_rate_hz",
+            5.0,
+            "camera frames per wall second (0 disables the camera)",
+            low=0.0,
+            high=100.0,
+        ),
+        Param(
+            "camera_every_sample",
+            False,
+            "lockstep mode: render every sample instead of camera_rate_hz, so image "
+            "observations can close the lockstep loop (which then runs at the render rate)",
+        ),
+        Param(
+            "camera_name",
+            DEFAULT_CAMERA,
+            "MuJoCo camera to render (corner, corner2, "
+            "corner3, corner4, topview, behindGripper, gripperPOV)",
+        ),
         Param("camera_width", 84, "camera image width (pixels)", low=8, high=640),
         Param("camera_height", 84, "camera image height (pixels)", low=8, high=480),
         Param("publish_joint_states", True, "publish joint_states every sample"),
-        Param("executor", "events", "rclpy executor: events (rclpy.experimental.EventsExecutor) "
-              "or single (SingleThreadedExecutor)", choices=("events", "single"),
-              read_only=True),
-        Param("render_threads", 0, "Mesa llvmpipe rasterizer threads (LP_NUM_THREADS); 0 "
-              "rasterizes on the render thread alone, leaving other cores to the control loop",
-              low=0, high=64, read_only=True),
+        Param(
+            "executor",
+            "events",
+            "rclpy executor: events (rclpy.experimental.EventsExecutor) "
+            "or single (SingleThreadedExecutor)",
+            choices=("events", "single"),
+            read_only=True,
+        ),
+        Param(
+            "render_threads",
+            0,
+            "Mesa llvmpipe rasterizer threads (LP_NUM_THREADS); 0 "
+            "rasterizes on the render thread alone, leaving other cores to the control loop",
+            low=0,
+            high=64,
+            read_only=True,
+        ),
     ]
 
 
@@ -157,6 +219,7 @@ def _build_node_class() -> type:
             self._report_mono = time.monotonic()
 
             self._renderer: BackgroundRenderer | None = None
+            self._every_sample = False
             self._camera_timer: Any = None
             self._tick_timer: Any = None
             self._lockstep_timer: Any = None
@@ -194,15 +257,17 @@ def _build_node_class() -> type:
             if self._camera_timer is not None:
                 self.destroy_timer(self._camera_timer)
                 self._camera_timer = None
+            self._every_sample = bool(p["camera_every_sample"]) and p["mode"] == "lockstep"
             rate = float(p["camera_rate_hz"])
-            if rate <= 0.0:
+            if rate <= 0.0 and not self._every_sample:
                 return
             config = self._camera_config(p)
             if self._renderer is None:
                 self._renderer = BackgroundRenderer(self._publish_frame, config=config)
             else:
                 self._renderer.configure(config)
-            self._camera_timer = self.create_timer(1.0 / rate, self._on_camera_timer)
+            if not self._every_sample:
+                self._camera_timer = self.create_timer(1.0 / rate, self._on_camera_timer)
 
         def _configure_mode(self, p: dict[str, Any]) -> None:
             for attr in ("_tick_timer", "_lockstep_timer"):
@@ -254,6 +319,8 @@ def _build_node_class() -> type:
                 self._pub_joints.publish(self._joint_msg)
             if not repeat:
                 self._pub_clock.publish(self._clock_msg)
+            if self._every_sample and self._renderer is not None:
+                self._renderer.submit(self._robot.snapshot(stamp_ns=self._stamp_ns))
             self._published_mono = time.monotonic()
 
         def _publish_frame(self, frame: np.ndarray, snapshot: SimSnapshot) -> None:
@@ -382,14 +449,16 @@ def _build_node_class() -> type:
             self._robot.end_on_success = bool(new["end_on_success"])
             if {"mode", "control_dt", "lockstep_timeout_s"} & changes.keys():
                 self._configure_mode(new)
-            if ({"camera_rate_hz"} | camera_keys) & changes.keys():
+            if ({"camera_rate_hz", "camera_every_sample", "mode"} | camera_keys) & changes.keys():
                 self._configure_camera(new)
             return None
 
         # -------------------------------------------------------------- reporting, shutdown
         def _report(self) -> None:
             now = time.monotonic()
-            rate = (self.counters["steps"] - self._report_steps) / max(1e-9, now - self._report_mono)
+            rate = (self.counters["steps"] - self._report_steps) / max(
+                1e-9, now - self._report_mono
+            )
             self._report_steps, self._report_mono = self.counters["steps"], now
             stats = self._renderer.stats if self._renderer is not None else None
             camera = (
@@ -400,8 +469,9 @@ def _build_node_class() -> type:
             )
             self.get_logger().info(
                 f"{rate:.0f} steps/s; episode {self._robot.episode} step "
-                f"{self._robot.step_count}; " + ", ".join(f"{k} {v}" for k, v in
-                                                        self.counters.items()) + camera
+                f"{self._robot.step_count}; "
+                + ", ".join(f"{k} {v}" for k, v in self.counters.items())
+                + camera
             )
 
         def close(self) -> None:
@@ -424,6 +494,19 @@ def make_executor(kind: str, *, context: Any = None) -> Any:
     return SingleThreadedExecutor(context=context)
 
 
+def spin(executor: Any, *, context: Any = None, period_s: float = 0.2) -> None:
+    """Spin until the context shuts down.
+
+    ``spin_once`` with a timeout, in a loop: in rclpy 9.1 (Kilted wheels) the EventsExecutor's
+    ``spin()`` and ``spin_until_future_complete()`` without a timeout hold the GIL and never run
+    a callback (measured), while ``spin_once(timeout_sec=...)`` works.
+    """
+    import rclpy
+
+    while rclpy.ok(context=context):
+        executor.spin_once(timeout_sec=period_s)
+
+
 def main(args: list[str] | None = None) -> None:
     ensure_local_discovery()
     os.environ.setdefault("MUJOCO_GL", "osmesa")
@@ -437,7 +520,7 @@ def main(args: list[str] | None = None) -> None:
         node = _build_node_class()()
         executor = make_executor(node.get_parameter("executor").value)
         executor.add_node(node)
-        executor.spin()
+        spin(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:

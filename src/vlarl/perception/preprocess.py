@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import cv2
 import numpy as np
@@ -36,7 +37,9 @@ class PreprocessConfig:
             raise ValueError(f"input size must be positive, got {self.height}x{self.width}")
         y0, x0, y1, x1 = self.crop
         if not (0.0 <= y0 < y1 <= 1.0 and 0.0 <= x0 < x1 <= 1.0):
-            raise ValueError(f"crop must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1: {self.crop}")
+            raise ValueError(
+                f"crop must satisfy 0 <= y0 < y1 <= 1 and 0 <= x0 < x1 <= 1: {self.crop}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need one value per channel (3)")
         if min(self.std) <= 0.0:
@@ -50,9 +53,9 @@ class Preprocessor:
     def __init__(self, config: PreprocessConfig) -> None:
         self.config = config
         self._scale = (1.0 / (255.0 * np.asarray(config.std, dtype=np.float32))).reshape(1, 1, 3)
-        self._offset = (np.asarray(config.mean, dtype=np.float32) / np.asarray(
-            config.std, dtype=np.float32
-        )).reshape(1, 1, 3)
+        self._offset = (
+            np.asarray(config.mean, dtype=np.float32) / np.asarray(config.std, dtype=np.float32)
+        ).reshape(1, 1, 3)
         self._hwc = np.empty((config.height, config.width, 3), dtype=np.float32)
 
     def check_frame(self, frame: np.ndarray) -> None:
@@ -111,3 +114,27 @@ def channel_stats(frames: np.ndarray) -> tuple[tuple[float, ...], tuple[float, .
     mean = values.mean(axis=0)
     std = np.maximum(values.std(axis=0), 1e-3)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def image_to_rgb(*, height: int, width: int, encoding: str, step: int, data: Any) -> np.ndarray:
+    """An RGB uint8 [height, width, 3] view/copy of ``sensor_msgs/Image`` fields.
+
+    Accepts ``rgb8`` and ``bgr8`` (row padding allowed); anything else raises
+    :class:`PreprocessError` with the reason.
+    """
+    if encoding not in ("rgb8", "bgr8"):
+        raise PreprocessError(f"unsupported encoding {encoding!r} (need rgb8 or bgr8)")
+    if height < 2 or width < 2:
+        raise PreprocessError(f"image too small: {width}x{height}")
+    if step < width * 3:
+        raise PreprocessError(f"row step {step} < width*3 = {width * 3}")
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    if buffer.size != step * height:
+        raise PreprocessError(
+            f"image data has {buffer.size} bytes, expected step*height = {step * height}"
+        )
+    rows = buffer.reshape(height, step)[:, : width * 3]
+    frame: np.ndarray = rows.reshape(height, width, 3)
+    if encoding == "bgr8":
+        return np.asarray(cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_BGR2RGB))
+    return frame

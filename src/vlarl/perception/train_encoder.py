@@ -4,9 +4,10 @@ A learned pose estimator for the embedded robot. Frames are rendered from Meta-W
 the scripted experts with Gaussian action noise (so the arm, the gripper and the objects visit
 more of the workspace than a clean demonstration would); the targets are the privileged state's
 pose features (:data:`vlarl.sim.layout.POSE_FEATURES`: hand xyz, gripper opening, object xyz,
-goal xyz). Whole episodes are held out for the error report. The network (conv stack ->
-spatial soft-argmax keypoints + pooled features -> MLP) outputs features in metres; target
-normalization lives inside the exported graph. Export: ONNX with the encoder contract's metadata
+goal xyz). Whole seed groups (sets of layouts) are held out for the error report, so it measures
+layouts the encoder never saw. The network (conv stack -> spatial soft-argmax keypoints + pooled
+features -> MLP) outputs features in metres; target normalization lives inside the exported
+graph. Export: ONNX with the encoder contract's metadata
 (:mod:`vlarl.perception.encoder`), then the file is re-loaded through :class:`ImageEncoder` and
 checked against the PyTorch outputs.
 
@@ -23,8 +24,9 @@ import argparse
 import datetime as dt
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -42,11 +44,12 @@ class CollectConfig:
     """What frames to render."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS  # Meta-World tasks to roll out
-    frames_per_task: int = 800  # frames rendered per task
+    frames_per_task: int = 1000  # frames rendered per task
     every: int = 3  # render every n-th step of an episode
     max_steps: int = 200  # episode cap (experts finish in ~50-100 steps)
-    seed: int = 1234  # robot seed (layouts) and noise seed
-    camera: CameraConfig = CameraConfig()  # camera and frame size
+    episodes_per_seed: int = 4  # a new robot seed (a new set of layouts) after this many
+    seed: int = 1234  # first robot seed and noise seed
+    camera: CameraConfig = field(default_factory=CameraConfig)  # camera and frame size
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Dataset:
     frames: np.ndarray  # uint8 [N, h, w, 3]
     targets: np.ndarray  # float32 [N, F]
     episode: np.ndarray  # int [N], unique over tasks
+    group: np.ndarray  # int [N], robot-seed group (frames of one group share layouts)
     task: np.ndarray  # int [N], index into tasks
     tasks: tuple[str, ...]
     camera: str
@@ -65,6 +69,7 @@ class Dataset:
             frames=self.frames,
             targets=self.targets,
             episode=self.episode,
+            group=self.group,
             task=self.task,
             tasks=np.array(self.tasks),
             camera=np.array(self.camera),
@@ -77,6 +82,7 @@ class Dataset:
                 frames=z["frames"],
                 targets=z["targets"],
                 episode=z["episode"],
+                group=z["group"] if "group" in z else z["episode"],
                 task=z["task"],
                 tasks=tuple(str(t) for t in z["tasks"]),
                 camera=str(z["camera"]),
@@ -93,16 +99,28 @@ def collect(config: CollectConfig, *, log: bool = True) -> Dataset:
     frames: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     episodes: list[int] = []
+    groups: list[int] = []
     task_ids: list[int] = []
     index = np.asarray(POSE_FEATURE_INDEX)
     episode_id = 0
+    group_id = -1
     start = time.perf_counter()
     with OffscreenRenderer(config.camera) as renderer:
         for t_index, task in enumerate(config.tasks):
-            policy = ENV_POLICY_MAP[task]()
-            robot = MetaWorldRobot(task, seed=config.seed + t_index, max_episode_steps=10_000)
+            policy = cast(Any, ENV_POLICY_MAP[task])()
+            robot: MetaWorldRobot | None = None
+            on_robot = 0
             count = 0
             while count < config.frames_per_task:
+                if robot is None or on_robot >= config.episodes_per_seed:
+                    if robot is not None:
+                        robot.close()
+                    group_id += 1
+                    robot = MetaWorldRobot(
+                        task, seed=config.seed + 1000 * t_index + group_id, max_episode_steps=10_000
+                    )
+                    on_robot = 0
+                on_robot += 1
                 sigma = float(rng.choice(NOISE_LEVELS))
                 # Some episodes keep the gripper state random so open/closed is seen everywhere.
                 random_gripper = rng.random() < 0.25
@@ -113,6 +131,7 @@ def collect(config: CollectConfig, *, log: bool = True) -> Dataset:
                         frames.append(renderer.render_data(robot.model, robot.data))
                         targets.append(robot.state[index].astype(np.float32))
                         episodes.append(episode_id)
+                        groups.append(group_id)
                         task_ids.append(t_index)
                         count += 1
                         if count >= config.frames_per_task:
@@ -125,7 +144,8 @@ def collect(config: CollectConfig, *, log: bool = True) -> Dataset:
                     if robot.done:
                         break
                 episode_id += 1
-            robot.close()
+            if robot is not None:
+                robot.close()
             if log:
                 elapsed = time.perf_counter() - start
                 print(f"[collect] {task}: {count} frames, {elapsed:.0f} s so far", flush=True)
@@ -133,13 +153,14 @@ def collect(config: CollectConfig, *, log: bool = True) -> Dataset:
         frames=np.stack(frames),
         targets=np.stack(targets),
         episode=np.asarray(episodes),
+        group=np.asarray(groups),
         task=np.asarray(task_ids),
         tasks=tuple(config.tasks),
         camera=config.camera.camera,
     )
 
 
-def build_model(n_out: int, *, keypoints: int = 32):  # type: ignore[no-untyped-def]
+def build_model(n_out: int, *, keypoints: int = 32) -> Any:
     """Conv stack -> spatial soft-argmax keypoints + pooled features -> MLP -> n_out."""
     import torch
     from torch import nn
@@ -155,6 +176,9 @@ def build_model(n_out: int, *, keypoints: int = 32):  # type: ignore[no-untyped-
             return torch.cat([ex, ey], dim=1)
 
     class PoseCNN(nn.Module):
+        target_mean: torch.Tensor
+        target_std: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.trunk = nn.Sequential(
@@ -195,15 +219,16 @@ def build_model(n_out: int, *, keypoints: int = 32):  # type: ignore[no-untyped-
     return PoseCNN()
 
 
-def split_episodes(dataset: Dataset, *, held_out: float, seed: int) -> tuple[np.ndarray, ...]:
-    """Indices (train, test): whole episodes are held out, per task."""
+def split_groups(dataset: Dataset, *, held_out: float, seed: int) -> tuple[np.ndarray, ...]:
+    """Indices (train, test): whole seed groups are held out, per task, so the test frames
+    show object/goal layouts the encoder never saw."""
     rng = np.random.default_rng(seed)
-    test_eps: list[int] = []
+    test_groups: list[int] = []
     for t in np.unique(dataset.task):
-        eps = np.unique(dataset.episode[dataset.task == t])
-        n = max(1, round(held_out * len(eps)))
-        test_eps.extend(rng.choice(eps, size=n, replace=False).tolist())
-    is_test = np.isin(dataset.episode, test_eps)
+        groups = np.unique(dataset.group[dataset.task == t])
+        n = max(1, round(held_out * len(groups)))
+        test_groups.extend(rng.choice(groups, size=n, replace=False).tolist())
+    is_test = np.isin(dataset.group, test_groups)
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
@@ -217,13 +242,13 @@ def train(
     seed: int = 0,
     threads: int = 1,
     log: bool = True,
-):  # type: ignore[no-untyped-def]
+) -> tuple[Any, PreprocessConfig, dict[str, float], dict[str, Any]]:
     """Train on the dataset; returns (model, preprocess config, held-out MAE per feature)."""
     import torch
 
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    train_idx, test_idx = split_episodes(dataset, held_out=held_out, seed=seed)
+    train_idx, test_idx = split_groups(dataset, held_out=held_out, seed=seed)
     mean, std = channel_stats(dataset.frames[train_idx])
     pconfig = PreprocessConfig(
         height=dataset.frames.shape[1],
@@ -264,7 +289,7 @@ def train(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss)
+            total += float(loss.detach())
         if log and (epoch % 5 == 4 or epoch == epochs - 1):
             mae = evaluate(model, images[test_idx], targets[test_idx])
             print(
@@ -279,6 +304,7 @@ def train(
         "train_frames": len(train_idx),
         "test_frames": len(test_idx),
         "test_episodes": len(np.unique(dataset.episode[test_idx])),
+        "test_layout_groups": len(np.unique(dataset.group[test_idx])),
         "train_seconds": round(time.perf_counter() - start, 1),
         "test_mae_by_task": {
             task: dict(
@@ -298,7 +324,7 @@ def train(
     return model, pconfig, dict(zip(POSE_FEATURE_NAMES, mae.tolist(), strict=True)), info
 
 
-def evaluate(model, images, targets) -> np.ndarray:  # type: ignore[no-untyped-def]
+def evaluate(model: Any, images: Any, targets: Any) -> np.ndarray:
     """Mean absolute error per feature (physical units)."""
     import torch
 
@@ -309,7 +335,7 @@ def evaluate(model, images, targets) -> np.ndarray:  # type: ignore[no-untyped-d
 
 
 def export(
-    model,  # type: ignore[no-untyped-def]
+    model: Any,
     path: Path,
     *,
     pconfig: PreprocessConfig,
@@ -365,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("models/image_encoder.onnx"))
     parser.add_argument("--cache", type=Path, default=None, help="npz of rendered frames")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
-    parser.add_argument("--frames-per-task", type=int, default=800)
+    parser.add_argument("--frames-per-task", type=int, default=1000)
     parser.add_argument("--camera", default=DEFAULT_CAMERA)
     parser.add_argument("--size", type=int, default=84, help="frame width and height")
     parser.add_argument("--epochs", type=int, default=40)

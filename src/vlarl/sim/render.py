@@ -21,16 +21,16 @@ import os
 # The GL backend is chosen when mujoco is imported; headless CPU machines need OSMesa.
 os.environ.setdefault("MUJOCO_GL", "osmesa")
 
-import threading  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
+import mujoco
+import numpy as np
 
-from vlarl.sim.errors import RenderError  # noqa: E402
+from vlarl.sim.errors import RenderError
 
 DEFAULT_CAMERA = "corner3"
 DEFAULT_SIZE = 84
@@ -72,17 +72,13 @@ class CameraConfig:
 
 
 def camera_names(model: Any) -> tuple[str, ...]:
-    return tuple(
-        mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam)
-    )
+    return tuple(mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_CAMERA, i) for i in range(model.ncam))
 
 
 def check_camera(model: Any, config: CameraConfig) -> str | None:
     """Why ``config`` cannot render ``model``, or None."""
     if mujoco.mj_name2id(model, mujoco.mjtObj.mjOBJ_CAMERA, config.camera) < 0:
-        return (
-            f"unknown camera {config.camera!r}; the model has: {', '.join(camera_names(model))}"
-        )
+        return f"unknown camera {config.camera!r}; the model has: {', '.join(camera_names(model))}"
     if config.width < 1 or config.height < 1:
         return f"image size must be positive, got {config.width}x{config.height}"
     max_w, max_h = int(model.vis.global_.offwidth), int(model.vis.global_.offheight)

@@ -15,7 +15,7 @@ import difflib
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -94,7 +94,7 @@ class MetaWorldRobot:
         self._env: Any = gym.make(
             "Meta-World/MT1", env_name=task, seed=self._seed, disable_env_checker=True
         )
-        self._unwrapped: Any = self._env.unwrapped
+        self._unwrapped: Any = cast(Any, self._env.unwrapped)
         # Episode length is ours to enforce (max_episode_steps may change between steps).
         self._unwrapped.max_path_length = 1 << 62
         model = self._unwrapped.model

@@ -1,0 +1,231 @@
+"""The reward models' network (torch): a small MLP over a window of observations.
+
+Input: a window [B, L, obs_dim] of raw observations (oldest first) and, for multi-task models,
+the task's instruction embedding [B, instr_dim]. Inside: per-feature standardization (buffers,
+exported with the graph), the window flattened together with its L-1 frame-to-frame
+differences (standardized separately, so small motions are visible), optional **geometric
+features**, clipped to +-10, a linear projection of the instruction, then an MLP with LayerNorm
+and SiLU to one number per window.
+
+Geometric features: given the start indices of 3-d points in the observation (``points``; for
+Meta-World's 39-d state ``0, 4, 11, 36`` = hand, first object, second object, goal), the
+difference vector and the distance of every pair of points in every observation of the window
+(standardized). Success in these tasks is a statement about such distances (object within a few
+centimetres of the goal), which a plain MLP over raw coordinates learns only approximately from a
+few hundred episodes; with the distances given it learns the boundary, near-misses included.
+
+The head turns that number into what the model file promises: a probability (detector,
+``sigmoid``) or steps-to-go (progress, ``scale * softplus``), so the exported graph is the whole
+model and the runtime applies nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vlarl.rewardmodels.modelfile import INPUT_INSTRUCTION, INPUT_WINDOW, OPSET
+
+CLIP = 10.0
+STD_FLOOR = 1e-3
+
+
+class WindowNet(nn.Module):
+    """MLP over (window, deltas, instruction) -> one raw output per window."""
+
+    obs_mean: Tensor
+    obs_std: Tensor
+    delta_std: Tensor
+    geo_mean: Tensor
+    geo_std: Tensor
+    pair_a: Tensor
+    pair_b: Tensor
+
+    def __init__(
+        self,
+        *,
+        obs_dim: int,
+        window: int,
+        instr_dim: int = 0,
+        hidden: int = 256,
+        depth: int = 2,
+        instr_proj: int = 32,
+        points: tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.obs_dim, self.window, self.instr_dim = obs_dim, window, instr_dim
+        if any(p < 0 or p + 3 > obs_dim for p in points):
+            raise ValueError(f"points {points} do not fit an observation of {obs_dim} numbers")
+        self.points = tuple(int(p) for p in points)
+        pairs = [(a, b) for i, a in enumerate(self.points) for b in self.points[i + 1 :]]
+        self.n_pairs = len(pairs)
+        self.register_buffer(
+            "pair_a", torch.tensor([a + c for a, _ in pairs for c in range(3)], dtype=torch.long)
+        )
+        self.register_buffer(
+            "pair_b", torch.tensor([b + c for _, b in pairs for c in range(3)], dtype=torch.long)
+        )
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+        self.register_buffer("delta_std", torch.ones(obs_dim))
+        self.register_buffer("geo_mean", torch.zeros(4 * self.n_pairs))
+        self.register_buffer("geo_std", torch.ones(4 * self.n_pairs))
+        in_dim = window * obs_dim + (window - 1) * obs_dim + window * 4 * self.n_pairs
+        self.instr = nn.Linear(instr_dim, instr_proj) if instr_dim > 0 else None
+        if self.instr is not None:
+            in_dim += instr_proj
+        layers: list[nn.Module] = []
+        width = in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.SiLU()]
+            width = hidden
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+
+    def fit_normalization(self, obs: np.ndarray, windows: np.ndarray | None = None) -> None:
+        """Statistics of the observations (and of the frame differences inside ``windows``)."""
+        mean = obs.mean(axis=0)
+        std = np.maximum(obs.std(axis=0), STD_FLOOR)
+        self.obs_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.obs_std.copy_(torch.as_tensor(std, dtype=torch.float32))
+        if windows is not None and self.window > 1:
+            deltas = np.diff(windows, axis=1).reshape(-1, self.obs_dim)
+            dstd = np.maximum(np.sqrt((deltas.astype(np.float64) ** 2).mean(axis=0)), STD_FLOOR)
+            self.delta_std.copy_(torch.as_tensor(dstd, dtype=torch.float32))
+        if self.n_pairs:
+            with torch.no_grad():
+                geo = self._geometry(torch.from_numpy(np.asarray(obs, np.float32)[:, None]))
+            geo = geo.reshape(-1, 4 * self.n_pairs).numpy()
+            self.geo_mean.copy_(torch.as_tensor(geo.mean(axis=0)))
+            self.geo_std.copy_(torch.as_tensor(np.maximum(geo.std(axis=0), STD_FLOOR)))
+
+    def _geometry(self, window: Tensor) -> Tensor:
+        """[B, L, 4 * pairs]: per pair the difference vector (3) then the distance (1)."""
+        diff = window[:, :, self.pair_a] - window[:, :, self.pair_b]
+        diff = diff.reshape(window.shape[0], window.shape[1], self.n_pairs, 3)
+        dist = torch.sqrt((diff * diff).sum(dim=3, keepdim=True) + 1e-12)
+        return torch.cat([diff, dist], dim=3).reshape(window.shape[0], window.shape[1], -1)
+
+    def forward(self, window: Tensor, instruction: Tensor | None = None) -> Tensor:
+        x = (window - self.obs_mean) / self.obs_std
+        parts = [x.flatten(1)]
+        if self.window > 1:
+            d = (window[:, 1:] - window[:, :-1]) / self.delta_std
+            parts.append(d.flatten(1))
+        if self.n_pairs:
+            parts.append(((self._geometry(window) - self.geo_mean) / self.geo_std).flatten(1))
+        feats = torch.clamp(torch.cat(parts, dim=1), -CLIP, CLIP)
+        if self.instr is not None:
+            if instruction is None:
+                raise ValueError("this model is multi-task: pass the instruction embedding")
+            feats = torch.cat([feats, self.instr(instruction)], dim=1)
+        return self.mlp(feats).squeeze(1)
+
+    def normalization_json(self) -> dict[str, Any]:
+        return {
+            "obs_mean": self.obs_mean.tolist(),
+            "obs_std": self.obs_std.tolist(),
+            "delta_std": self.delta_std.tolist(),
+            "points": list(self.points),
+        }
+
+
+METAWORLD_POINTS = (0, 4, 11, 36)  # hand, first object, second object, goal in the 39-d state
+
+
+def parse_points(text: str, obs_dim: int) -> tuple[int, ...]:
+    """``auto`` (Meta-World's points for a 39-d state, else none), ``none`` or ``a,b,...``."""
+    text = text.strip().lower()
+    if text == "auto":
+        return METAWORLD_POINTS if obs_dim == 39 else ()
+    if text in ("", "none"):
+        return ()
+    try:
+        points = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"points must be 'auto', 'none' or comma-separated indices: {text!r}")
+    if any(p < 0 or p + 3 > obs_dim for p in points):
+        raise ValueError(f"points {points} do not fit an observation of {obs_dim} numbers")
+    return points
+
+
+class ProbabilityHead(nn.Module):
+    """Detector graph: sigmoid of the logit."""
+
+    def __init__(self, net: WindowNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, window: Tensor, instruction: Tensor | None = None) -> Tensor:
+        return torch.sigmoid(self.net(window, instruction))
+
+
+class StepsHead(nn.Module):
+    """Progress graph: ``scale * softplus(raw)`` steps to go (>= 0)."""
+
+    def __init__(self, net: WindowNet, scale: float) -> None:
+        super().__init__()
+        self.net = net
+        self.scale = float(scale)
+
+    def forward(self, window: Tensor, instruction: Tensor | None = None) -> Tensor:
+        return self.scale * nn.functional.softplus(self.net(window, instruction))
+
+
+class _NoInstruction(nn.Module):
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, window: Tensor) -> Tensor:
+        return self.head(window)
+
+
+def to_onnx_bytes(head: nn.Module, *, net: WindowNet, output: str) -> bytes:
+    """The head as ONNX (dynamic batch), without metadata."""
+    head = head.eval()
+    window = torch.zeros(2, net.window, net.obs_dim)
+    if net.instr_dim > 0:
+        module: nn.Module = head
+        args: tuple[Tensor, ...] = (window, torch.zeros(2, net.instr_dim))
+        names = [INPUT_WINDOW, INPUT_INSTRUCTION]
+    else:
+        module = _NoInstruction(head)
+        args = (window,)
+        names = [INPUT_WINDOW]
+    axes = {n: {0: "batch"} for n in [*names, output]}
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, buf, input_names=names, output_names=[output],
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+    return buf.getvalue()
+
+
+def predict(
+    head: nn.Module, windows: np.ndarray, instructions: np.ndarray | None, *, batch: int = 8192
+) -> np.ndarray:
+    """Run ``head`` over many windows (no grad), in batches; [N] float32."""
+    out = []
+    head.eval()
+    with torch.no_grad():
+        for i in range(0, windows.shape[0], batch):
+            w = torch.from_numpy(np.ascontiguousarray(windows[i : i + batch], np.float32))
+            ins = None
+            if instructions is not None:
+                ins = torch.from_numpy(np.ascontiguousarray(instructions[i : i + batch]))
+            out.append(head(w, ins).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def cosine_lr(step: int, *, total: int, base: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + float(np.cos(np.pi * min(1.0, progress))))
