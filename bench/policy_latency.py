@@ -19,14 +19,16 @@ Defaults are the checkpoints ``scripts/build_default_model.sh`` writes. Saves
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -69,6 +71,14 @@ def time_pair(
     return {k: stats(v) for k, v in samples.items()}
 
 
+def predictor(runner: Any, pool: np.ndarray, task: str) -> Callable[[int], object]:
+    return lambda i: runner.predict(pool[i % len(pool)], task=task)
+
+
+def engine_caller(engine: Any, feeds: list[dict[str, np.ndarray]]) -> Callable[[int], object]:
+    return lambda i: engine.run(feeds[i % len(feeds)])
+
+
 def observations(ckpt: Any, n: int, seed: int = 0) -> np.ndarray:
     norm = ckpt.policy.normalizer
     rng = np.random.default_rng(seed)
@@ -91,10 +101,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     teacher = teacher_ckpt.policy.eval()
     student = student_ckpt.policy.eval()
     teacher.steps = args.steps
+    one_eval = copy.deepcopy(teacher)  # reference: one velocity evaluation of the teacher
+    one_eval.steps = 1
     task = args.task
     obs_pool = observations(teacher_ckpt, 256)
     instr = teacher_ckpt.instruction_batch(task, 1)
-    names = {"teacher": f"teacher_k{args.steps}", "student": "student_1step"}
+    names = {
+        "teacher": f"teacher_k{args.steps}",
+        "student": "student_1step",
+        "teacher1": "reference_teacher_k1",
+    }
     results: dict[str, Any] = {}
 
     # --- PyTorch CPU
@@ -105,28 +121,40 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
             {
                 names["teacher"]: lambda i: teacher(obs_t[i % 256], instr_t),
                 names["student"]: lambda i: student(obs_t[i % 256], instr_t),
+                names["teacher1"]: lambda i: one_eval(obs_t[i % 256], instr_t),
             },
-            iters=args.iters, warmup=args.warmup,
+            iters=args.iters,
+            warmup=args.warmup,
         )
     results["pytorch-cpu"] = timed
 
     # --- ONNX Runtime CPU via the runtime loader (the deployed path)
     tmp = Path(tempfile.mkdtemp(prefix="vlarl-latency-"))
     files = {}
-    for key, ckpt, steps in (("teacher", teacher_ckpt, args.steps), ("student", student_ckpt, 0)):
+    for key, ckpt, module, steps in (
+        ("teacher", teacher_ckpt, teacher, args.steps),
+        ("student", student_ckpt, student, 0),
+        ("teacher1", teacher_ckpt, one_eval, 1),
+    ):
         meta = metadata_for(ckpt, model_id=f"bench-{key}", version=1, steps=steps)
         files[key] = tmp / f"{key}.onnx"
-        files[key].write_bytes(with_metadata(to_onnx_bytes(ckpt.policy), meta, doc="bench"))
+        files[key].write_bytes(with_metadata(to_onnx_bytes(module), meta, doc="bench"))
     runners = {k: OnnxPolicy.load(p, providers="cpu", intra_op_threads=1) for k, p in files.items()}
     out_buf = np.zeros((teacher.spec.chunk_length, teacher.spec.action_dim), np.float32)
     results["onnxruntime-cpu"] = time_pair(
         {
-            names["teacher"]: lambda i: runners["teacher"].predict(obs_pool[i % 256], task=task,
-                                                                   out=out_buf),
-            names["student"]: lambda i: runners["student"].predict(obs_pool[i % 256], task=task,
-                                                                   out=out_buf),
+            names["teacher"]: lambda i: runners["teacher"].predict(
+                obs_pool[i % 256], task=task, out=out_buf
+            ),
+            names["student"]: lambda i: runners["student"].predict(
+                obs_pool[i % 256], task=task, out=out_buf
+            ),
+            names["teacher1"]: lambda i: runners["teacher1"].predict(
+                obs_pool[i % 256], task=task, out=out_buf
+            ),
         },
-        iters=args.iters, warmup=args.warmup,
+        iters=args.iters,
+        warmup=args.warmup,
     )
 
     # --- Accelerators, where present
@@ -134,15 +162,16 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         try:
             cuda = {k: OnnxPolicy.load(p, providers="cuda") for k, p in files.items()}
             results["onnxruntime-cuda"] = time_pair(
-                {names[k]: (lambda r: lambda i: r.predict(obs_pool[i % 256], task=task))(r)
-                 for k, r in cuda.items()},
-                iters=args.iters, warmup=args.warmup,
+                {names[k]: predictor(r, obs_pool, task) for k, r in cuda.items()},
+                iters=args.iters,
+                warmup=args.warmup,
             )
         except Exception as exc:
             results["onnxruntime-cuda"] = {"skipped": f"CUDA provider failed: {exc}"}
     else:
         results["onnxruntime-cuda"] = {
-            "skipped": "no GPU in this session (onnxruntime offers no CUDAExecutionProvider)"}
+            "skipped": "no GPU in this session (onnxruntime offers no CUDAExecutionProvider)"
+        }
     reason = tensorrt.unavailable_reason()
     if reason is None:
         try:
@@ -152,12 +181,14 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                 if not rep.built:
                     raise RuntimeError(rep.reason)
                 engines[k] = tensorrt.EngineRunner(rep.engine)
-            feeds = [{"obs": o[None]} | ({} if instr is None else {"instruction": instr})
-                     for o in obs_pool]
+            feeds = [
+                {"obs": o[None]} | ({} if instr is None else {"instruction": instr})
+                for o in obs_pool
+            ]
             results["tensorrt"] = time_pair(
-                {names[k]: (lambda e: lambda i: e.run(feeds[i % 256]))(e)
-                 for k, e in engines.items()},
-                iters=args.iters, warmup=args.warmup,
+                {names[k]: engine_caller(e, feeds) for k, e in engines.items()},
+                iters=args.iters,
+                warmup=args.warmup,
             )
         except Exception as exc:
             results["tensorrt"] = {"skipped": f"TensorRT failed: {exc}"}
@@ -175,9 +206,12 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
 
         with torch.inference_mode():
             results["torch-cuda"] = time_pair(
-                {names["teacher"]: lambda i: sync(lambda: tg(obs_g[i % 256], ig)),
-                 names["student"]: lambda i: sync(lambda: sg(obs_g[i % 256], ig))},
-                iters=args.iters, warmup=args.warmup,
+                {
+                    names["teacher"]: lambda i: sync(lambda: tg(obs_g[i % 256], ig)),
+                    names["student"]: lambda i: sync(lambda: sg(obs_g[i % 256], ig)),
+                },
+                iters=args.iters,
+                warmup=args.warmup,
             )
     else:
         results["torch-cuda"] = {"skipped": "no GPU in this session (torch.cuda unavailable)"}
@@ -193,30 +227,48 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     ort_student = results["onnxruntime-cpu"][names["student"]]
     doc = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "what": (f"batch-1 latency of one action chunk: teacher with K={args.steps} Euler steps "
-                 "vs the one-step consistency student; same run, same backend, alternating "
-                 f"blocks of 100 calls; {args.iters} timed calls after {args.warmup} warm-up"),
+        "what": (
+            f"batch-1 latency of one action chunk: teacher with K={args.steps} Euler steps "
+            "vs the one-step consistency student; same run, same backend, alternating "
+            f"blocks of 100 calls; {args.iters} timed calls after {args.warmup} warm-up"
+        ),
         "teacher": str(args.teacher),
         "student": str(args.student),
         "task": task,
         "models": {
-            "teacher": {"kind": "teacher", "steps": args.steps,
-                        "hidden": teacher.spec.hidden, "depth": teacher.spec.depth},
-            "student": {"kind": "student", "steps": 1,
-                        "hidden": student.spec.hidden, "depth": student.spec.depth},
-            "chunk_length": teacher.spec.chunk_length, "instr_dim": teacher.spec.instr_dim,
+            "reference_teacher_k1": "the teacher's network evaluated once (not a policy: shows "
+            "what one of its K steps costs)",
+            "teacher": {
+                "kind": "teacher",
+                "steps": args.steps,
+                "hidden": teacher.spec.hidden,
+                "depth": teacher.spec.depth,
+            },
+            "student": {
+                "kind": "student",
+                "steps": 1,
+                "hidden": student.spec.hidden,
+                "depth": student.spec.depth,
+            },
+            "chunk_length": teacher.spec.chunk_length,
+            "instr_dim": teacher.spec.instr_dim,
         },
         "machine": {
-            "platform": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "load_average_before": list(args.load_before),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "load_average_before": list(args.load_before),
             "load_average_after": list(os.getloadavg()),
             "note": "shared machine: other jobs were running; p99 includes their interference",
-            "threads": 1, "onnxruntime": ort.__version__, "torch": torch.__version__,
+            "threads": 1,
+            "onnxruntime": ort.__version__,
+            "torch": torch.__version__,
         },
         "backends": results,
         "goals": {
             "student_at_least_10x_faster_on_every_backend": all(
-                r["speedup_p50"] >= 10.0 for r in measured),
+                r["speedup_p50"] >= 10.0 for r in measured
+            ),
             "student_p99_below_0.5ms_on_onnxruntime_cpu": ort_student["p99_ms"] < 0.5,
         },
     }
@@ -230,33 +282,51 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [(k, v) for k, v in doc["backends"].items() if "skipped" not in v]
-    models = [m for m in next(iter(rows))[1] if isinstance(next(iter(rows))[1][m], dict)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.38
+    models: list[str] = []
+    for _, row in rows:
+        models += [m for m, v in row.items() if isinstance(v, dict) and m not in models]
+    fig, ax = plt.subplots(figsize=(9.5, 4.2))
+    width = 0.8 / len(models)
     x = np.arange(len(rows))
-    colors = {"teacher": "#c05a2b", "student": "#2b7bc0"}
+    colors = {"teacher": "#c05a2b", "student": "#2b7bc0", "reference": "#bbbbbb"}
     for j, model in enumerate(models):
-        p50 = [r[model]["p50_ms"] for _, r in rows]
-        p99 = [r[model]["p99_ms"] for _, r in rows]
-        color = colors["teacher" if model.startswith("teacher") else "student"]
-        bars = ax.bar(x + (j - 0.5) * width, p50, width, label=f"{model} (p50)", color=color)
-        ax.scatter(x + (j - 0.5) * width, p99, marker="_", s=300, color="black",
-                   label="p99" if j == 0 else None, zorder=3)
+        xs = [
+            x[i] + (j - (len(models) - 1) / 2) * width
+            for i, (_, r) in enumerate(rows)
+            if model in r
+        ]
+        p50 = [r[model]["p50_ms"] for _, r in rows if model in r]
+        p99 = [r[model]["p99_ms"] for _, r in rows if model in r]
+        color = colors[model.split("_")[0]]
+        bars = ax.bar(xs, p50, width, label=f"{model} (p50)", color=color)
+        ax.scatter(
+            xs, p99, marker="_", s=250, color="black", label="p99" if j == 0 else None, zorder=3
+        )
         for b, v in zip(bars, p50, strict=True):
-            ax.annotate(f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center",
-                        va="bottom", fontsize=8)
+            ax.annotate(
+                f"{v:.3f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7
+            )
     for i, (_, r) in enumerate(rows):
-        ax.annotate(f"{r['speedup_p50']:.1f}x", (x[i], max(r[m]["p99_ms"] for m in models)),
-                    xytext=(0, 8), textcoords="offset points", ha="center", fontweight="bold")
+        top = max(v["p99_ms"] for v in r.values() if isinstance(v, dict))
+        ax.annotate(
+            f"student {r['speedup_p50']:.1f}x faster (p50)",
+            (x[i], top),
+            xytext=(0, 10),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+            fontweight="bold",
+        )
     ax.set_xticks(x, [k for k, _ in rows])
     ax.set_yscale("log")
-    ax.set_ylabel("latency per chunk, batch 1 (ms, log)")
+    ax.set_ylabel("latency per action chunk, batch 1 (ms, log)")
     skipped = [k for k, v in doc["backends"].items() if "skipped" in v]
-    title = "teacher (K Euler steps) vs one-step student"
+    title = "flow teacher (K Euler steps) vs one-step consistency student, 1 thread"
     if skipped:
-        title += f"\nskipped: {', '.join(skipped)} (no GPU)"
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="upper right")
+        title += f"\nskipped (no GPU in this session): {', '.join(skipped)}"
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.margins(y=0.25)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -264,10 +334,12 @@ def plot(doc: dict[str, Any], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=Path,
-                        default=DEFAULT_RUNS / "teacher" / "teacher.safetensors")
-    parser.add_argument("--student", type=Path,
-                        default=DEFAULT_RUNS / "student" / "student.safetensors")
+    parser.add_argument(
+        "--teacher", type=Path, default=DEFAULT_RUNS / "teacher" / "teacher.safetensors"
+    )
+    parser.add_argument(
+        "--student", type=Path, default=DEFAULT_RUNS / "student" / "student.safetensors"
+    )
     parser.add_argument("--task", default="pick-place-v3")
     parser.add_argument("--steps", type=int, default=10, help="teacher Euler steps K")
     parser.add_argument("--iters", type=int, default=3000)
@@ -286,13 +358,20 @@ def main() -> int:
         if "skipped" in row:
             print(f"{backend:18s} skipped: {row['skipped']}")
             continue
-        cells = "  ".join(f"{m}: p50 {v['p50_ms']:.3f} ms p99 {v['p99_ms']:.3f} ms"
-                          for m, v in row.items() if isinstance(v, dict))
-        print(f"{backend:18s} {cells}  speedup {row['speedup_p50']:.1f}x (p99 "
-              f"{row['speedup_p99']:.1f}x)")
+        cells = "  ".join(
+            f"{m}: p50 {v['p50_ms']:.3f} ms p99 {v['p99_ms']:.3f} ms"
+            for m, v in row.items()
+            if isinstance(v, dict)
+        )
+        print(
+            f"{backend:18s} {cells}  speedup {row['speedup_p50']:.1f}x (p99 "
+            f"{row['speedup_p99']:.1f}x)"
+        )
     print(f"goals: {doc['goals']}")
-    print(f"load average before/after: {doc['machine']['load_average_before']} / "
-          f"{doc['machine']['load_average_after']}")
+    print(
+        f"load average before/after: {doc['machine']['load_average_before']} / "
+        f"{doc['machine']['load_average_after']}"
+    )
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0
 

@@ -37,17 +37,29 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 SEED = 1_000_000
 MODELS = ("bc", "teacher_k10", "student_1step")
-LABELS = {"bc": "plain BC (MLP)", "teacher_k10": "flow teacher, K=10",
-          "student_1step": "consistency student, 1 step"}
+LABELS = {
+    "bc": "plain BC (MLP)",
+    "teacher_k10": "flow teacher, K=10",
+    "student_1step": "consistency student, 1 step",
+}
 
 # The MT10 recipe: the same as the single-task one (scripts/build_default_model.sh) with more
 # demonstrations in total and longer training for ten tasks.
 MT10_DATA = ROOT / "data" / "mt10" / "mixed"
 MT10_RUNS = ROOT / "runs" / "mt10"
-MT10_COLLECT = ["--tasks", "mt10", "--episodes", "100", "--sigmas", "0,0.5,1.0,2.0",
-                "--seed", "0"]
-MT10_COMMON = ["--chunk-length", "8", "--hidden", "512", "--depth", "3", "--seed", "0",
-               "--train-steps", "30000"]
+MT10_COLLECT = ["--tasks", "mt10", "--episodes", "100", "--sigmas", "0,0.5,1.0,2.0", "--seed", "0"]
+MT10_COMMON = [
+    "--chunk-length",
+    "8",
+    "--hidden",
+    "512",
+    "--depth",
+    "3",
+    "--seed",
+    "0",
+    "--train-steps",
+    "30000",
+]
 MT10_DISTILL = ["--hidden", "256", "--train-steps", "12000", "--lr", "3e-4", "--seed", "0"]
 
 
@@ -71,28 +83,68 @@ def build_mt10(log: Path) -> None:
     if not (MT10_DATA / "metrics.json").is_file():
         sh(vlarl("collect", "--out", str(MT10_DATA), *MT10_COLLECT), log=log)
     if not (MT10_RUNS / "bc" / "bc.safetensors").is_file():
-        sh(vlarl("train-bc", "--data", str(MT10_DATA), "--out", str(MT10_RUNS / "bc"),
-                 *MT10_COMMON), log=log)
+        sh(
+            vlarl(
+                "train-bc", "--data", str(MT10_DATA), "--out", str(MT10_RUNS / "bc"), *MT10_COMMON
+            ),
+            log=log,
+        )
     if not (MT10_RUNS / "teacher" / "teacher.safetensors").is_file():
-        sh(vlarl("train-teacher", "--data", str(MT10_DATA), "--out",
-                 str(MT10_RUNS / "teacher"), "--steps", "10", *MT10_COMMON), log=log)
+        sh(
+            vlarl(
+                "train-teacher",
+                "--data",
+                str(MT10_DATA),
+                "--out",
+                str(MT10_RUNS / "teacher"),
+                "--steps",
+                "10",
+                *MT10_COMMON,
+            ),
+            log=log,
+        )
     if not (MT10_RUNS / "student" / "student.safetensors").is_file():
-        sh(vlarl("distill", "--teacher", str(MT10_RUNS / "teacher" / "teacher.safetensors"),
-                 "--data", str(MT10_DATA), "--out", str(MT10_RUNS / "student"),
-                 *MT10_DISTILL), log=log)
+        sh(
+            vlarl(
+                "distill",
+                "--teacher",
+                str(MT10_RUNS / "teacher" / "teacher.safetensors"),
+                "--data",
+                str(MT10_DATA),
+                "--out",
+                str(MT10_RUNS / "student"),
+                *MT10_DISTILL,
+            ),
+            log=log,
+        )
 
 
 def export_all(runs: Path, prefix: str, log: Path) -> dict[str, Path]:
     """ONNX files of the three models of a run folder (the teacher with K=10 unrolled)."""
     out = {}
-    for model, ckpt in (("bc", "bc/bc.safetensors"), ("teacher_k10", "teacher/teacher.safetensors"),
-                        ("student_1step", "student/student.safetensors")):
+    for model, ckpt in (
+        ("bc", "bc/bc.safetensors"),
+        ("teacher_k10", "teacher/teacher.safetensors"),
+        ("student_1step", "student/student.safetensors"),
+    ):
         path = runs / "onnx" / f"{prefix}-{model.replace('_', '-')}.onnx"
         if not path.is_file():
             extra = ["--steps", "10"] if model == "teacher_k10" else []
-            sh(vlarl("export", "--checkpoint", str(runs / ckpt), "--out", str(path),
-                     "--model-id", f"{prefix}-{model.split('_')[0]}", "--tensorrt", "off",
-                     *extra), log=log)
+            sh(
+                vlarl(
+                    "export",
+                    "--checkpoint",
+                    str(runs / ckpt),
+                    "--out",
+                    str(path),
+                    "--model-id",
+                    f"{prefix}-{model.split('_')[0]}",
+                    "--tensorrt",
+                    "off",
+                    *extra,
+                ),
+                log=log,
+            )
         out[model] = path
     return out
 
@@ -102,22 +154,42 @@ def evaluate(policy: Path, tasks: str, *, episodes: int, replan: int) -> dict[st
     from vlarl.learning.evaluate import evaluate as run_eval
 
     out = policy.parent / f"eval-{policy.stem}-{tasks.replace(',', '+')}-r{replan}.json"
-    cfg = EvaluateConfig(policy=str(policy), tasks=tasks, episodes=episodes, seed=SEED,
-                         replan_every=replan, out=str(out))
+    cfg = EvaluateConfig(
+        policy=str(policy),
+        tasks=tasks,
+        episodes=episodes,
+        seed=SEED,
+        replan_every=replan,
+        out=str(out),
+    )
     return run_eval(cfg, quiet=True)
 
 
 def cell(doc: dict[str, Any], task: str) -> dict[str, Any]:
     r = doc["tasks"][task]
-    return {k: r[k] for k in ("success_rate", "episodes", "successes", "ci_low", "ci_high",
-                              "mean_length_success")}
+    return {
+        k: r[k]
+        for k in (
+            "success_rate",
+            "episodes",
+            "successes",
+            "ci_low",
+            "ci_high",
+            "mean_length_success",
+        )
+    }
 
 
 def data_summary(folder: Path) -> dict[str, Any]:
     doc = json.loads((folder / "metrics.json").read_text())
-    return {"replay": str(folder.relative_to(ROOT)), "rows": doc["rows"], "sigmas": doc["sigmas"],
-            "expert_success_per_sigma": {t: {s: v["success_rate"] for s, v in per.items()}
-                                         for t, per in doc["per_task"].items()}}
+    return {
+        "replay": str(folder.relative_to(ROOT)),
+        "rows": doc["rows"],
+        "sigmas": doc["sigmas"],
+        "expert_success_per_sigma": {
+            t: {s: v["success_rate"] for s, v in per.items()} for t, per in doc["per_task"].items()
+        },
+    }
 
 
 def plot(doc: dict[str, Any], path: Path) -> None:
@@ -142,13 +214,24 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         rates = np.array([g[1][model]["success_rate"] for g in groups])
         lo = rates - np.array([g[1][model]["ci_low"] for g in groups])
         hi = np.array([g[1][model]["ci_high"] for g in groups]) - rates
-        ax.bar(x + (j - 1) * width, 100 * rates, width, yerr=100 * np.vstack([lo, hi]),
-               capsize=2, color=colors[model], label=LABELS[model], error_kw={"lw": 0.8})
+        ax.bar(
+            x + (j - 1) * width,
+            100 * rates,
+            width,
+            yerr=100 * np.vstack([lo, hi]),
+            capsize=2,
+            color=colors[model],
+            label=LABELS[model],
+            error_kw={"lw": 0.8},
+        )
     ax.set_xticks(x, [g[0] for g in groups], fontsize=7)
     ax.set_ylabel("success (%), 95% Wilson CI")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{doc['settings']['episodes']} episodes per task, fixed seeds; "
-                 f"demos: mixed-quality scripted experts", fontsize=9)
+    ax.set_title(
+        f"{doc['settings']['episodes']} episodes per task, fixed seeds; "
+        f"demos: mixed-quality scripted experts",
+        fontsize=9,
+    )
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -161,8 +244,11 @@ def main() -> int:
     parser.add_argument("--replan-every", type=int, default=4)
     parser.add_argument("--skip-mt10", action="store_true")
     parser.add_argument("--skip-pick-place", action="store_true")
-    parser.add_argument("--replan-sweep", default="1,2,4,8",
-                        help="replan_every values tried with the single-task student ('' = none)")
+    parser.add_argument(
+        "--replan-sweep",
+        default="1,2,4,8",
+        help="replan_every values tried with the single-task student ('' = none)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "policy_success.json")
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "osmesa")
@@ -171,11 +257,16 @@ def main() -> int:
     load_before = os.getloadavg()
     doc: dict[str, Any] = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {"episodes": args.episodes, "seed_of_episode_i": f"{SEED} + i",
-                     "replan_every": args.replan_every, "max_steps": 500,
-                     "backend": "ONNX Runtime CPU via vlarl.core.onnx_policy",
-                     "success_source": "simulator flag"},
-        "data": {}, "results": {},
+        "settings": {
+            "episodes": args.episodes,
+            "seed_of_episode_i": f"{SEED} + i",
+            "replan_every": args.replan_every,
+            "max_steps": 500,
+            "backend": "ONNX Runtime CPU via vlarl.core.onnx_policy",
+            "success_source": "simulator flag",
+        },
+        "data": {},
+        "results": {},
     }
     if args.out.is_file():  # keep the other setting's results when re-running one of them
         old = json.loads(args.out.read_text())
@@ -192,17 +283,28 @@ def main() -> int:
         row = {}
         for model, path in files.items():
             print(f"evaluating {model} on pick-place-v3 ...", flush=True)
-            row[model] = cell(evaluate(path, "pick-place-v3", episodes=args.episodes,
-                                       replan=args.replan_every), "pick-place-v3")
+            row[model] = cell(
+                evaluate(path, "pick-place-v3", episodes=args.episodes, replan=args.replan_every),
+                "pick-place-v3",
+            )
         doc["results"]["pick-place-v3"] = {"models": "single-task", **row}
         doc["data"]["pick-place-v3"] = data_summary(ROOT / "data" / "default" / "pick-place-mixed")
         sweep = [int(x) for x in args.replan_sweep.split(",") if x.strip()]
         if sweep:
             doc["replan_sweep"] = {
                 "model": "single-task student (ONNX)",
-                "success_rate": {str(r): cell(evaluate(files["student_1step"], "pick-place-v3",
-                                                       episodes=args.episodes, replan=r),
-                                              "pick-place-v3") for r in sweep},
+                "success_rate": {
+                    str(r): cell(
+                        evaluate(
+                            files["student_1step"],
+                            "pick-place-v3",
+                            episodes=args.episodes,
+                            replan=r,
+                        ),
+                        "pick-place-v3",
+                    )
+                    for r in sweep
+                },
             }
     if not args.skip_mt10:
         build_mt10(log)
@@ -214,11 +316,15 @@ def main() -> int:
             res = evaluate(path, "mt10", episodes=args.episodes, replan=args.replan_every)
             for task in res["tasks"]:
                 per_task.setdefault(task, {})[model] = cell(res, task)
-            overall[model] = {k: res["overall"][k] for k in
-                              ("success_rate", "episodes", "successes", "ci_low", "ci_high")}
-        doc["results"]["mt10"] = {"models": "one multi-task model per kind (instruction-"
-                                            "conditioned)", "per_task": per_task,
-                                  "overall": overall}
+            overall[model] = {
+                k: res["overall"][k]
+                for k in ("success_rate", "episodes", "successes", "ci_low", "ci_high")
+            }
+        doc["results"]["mt10"] = {
+            "models": "one multi-task model per kind (instruction-conditioned)",
+            "per_task": per_task,
+            "overall": overall,
+        }
         doc["data"]["mt10"] = data_summary(MT10_DATA)
 
     goals: dict[str, Any] = {}
@@ -230,28 +336,38 @@ def main() -> int:
         settings.append(("mt10:pick-place-v3", doc["results"]["mt10"]["per_task"]["pick-place-v3"]))
     for name, row in settings:
         t, s, b = (row[m]["success_rate"] for m in MODELS)
-        goals[name] = {"student_over_teacher": s / t if t else float("nan"),
-                       "student_at_least_95pct_of_teacher": s >= 0.95 * t,
-                       "teacher_above_bc": t > b, "student_above_bc": s > b}
+        goals[name] = {
+            "student_over_teacher": s / t if t else float("nan"),
+            "student_at_least_95pct_of_teacher": s >= 0.95 * t,
+            "teacher_above_bc": t > b,
+            "student_above_bc": s > b,
+        }
     doc["goals"] = goals
     if "pick-place-v3" in doc["results"] and "mt10" in doc["results"]:
         single = doc["results"]["pick-place-v3"]["student_1step"]["success_rate"]
         multi = doc["results"]["mt10"]["per_task"]["pick-place-v3"]["student_1step"]["success_rate"]
-        doc["default_model"] = {"pick-place-v3 single-task student": single,
-                                "pick-place-v3 MT10 student": multi,
-                                "chosen": "single-task" if single >= multi else "multi-task"}
-    doc["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
-                      "load_average_before": list(load_before),
-                      "load_average_after": list(os.getloadavg()),
-                      "note": "shared machine; success rates do not depend on load"}
+        doc["default_model"] = {
+            "pick-place-v3 single-task student": single,
+            "pick-place-v3 MT10 student": multi,
+            "chosen": "single-task" if single >= multi else "multi-task",
+        }
+    doc["machine"] = {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "load_average_before": list(load_before),
+        "load_average_after": list(os.getloadavg()),
+        "note": "shared machine; success rates do not depend on load",
+    }
     doc["wall_s"] = round(time.perf_counter() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(doc, args.out.with_suffix(".png"))
     for name, row in settings:
-        cells = "  ".join(f"{m}: {100 * row[m]['success_rate']:.0f}% "
-                          f"[{100 * row[m]['ci_low']:.0f}, {100 * row[m]['ci_high']:.0f}]"
-                          for m in MODELS)
+        cells = "  ".join(
+            f"{m}: {100 * row[m]['success_rate']:.0f}% "
+            f"[{100 * row[m]['ci_low']:.0f}, {100 * row[m]['ci_high']:.0f}]"
+            for m in MODELS
+        )
         print(f"{name:20s} {cells}")
     print(f"goals: {json.dumps(goals)}")
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}")

@@ -17,15 +17,15 @@ from vlarl.rosenv import ensure_local_discovery
 VERBS: dict[str, tuple[str, str]] = {
     "bringup": ("vlarl.bringup", "run the whole node graph on the embedded robot and record it"),
     "topics": ("vlarl.topics_cli", "print the topic table (markdown)"),
-    "collect": ("vlarl.learning.collect", "collect scripted-expert demonstrations"),
-    "train-bc": ("vlarl.learning.bc", "train a plain BC (MLP regressor) policy"),
-    "train-teacher": ("vlarl.learning.teacher", "train the flow-matching teacher"),
+    "collect": ("vlarl.learning.collect", "collect (noisy) scripted-expert demos into a replay"),
+    "train-bc": ("vlarl.learning.bc", "train a plain BC policy (MLP regressor of action chunks)"),
+    "train-teacher": ("vlarl.learning.teacher", "train the rectified-flow teacher (action chunks)"),
     "distill": (
         "vlarl.learning.distill",
         "consistency-distill the teacher into a one-step policy",
     ),
     "export": ("vlarl.learning.export", "export a checkpoint to ONNX (and TensorRT on a GPU)"),
-    "evaluate": ("vlarl.learning.evaluate", "evaluate a policy in-process on Meta-World tasks"),
+    "evaluate": ("vlarl.learning.evaluate", "evaluate a policy in-process on Meta-World"),
     "collect-reward": (
         "vlarl.rewardmodels.episodes",
         "collect labelled noisy-expert episodes and near-misses for the reward models",

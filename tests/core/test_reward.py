@@ -1,16 +1,22 @@
-"""Episode accounting: sparse/env reward, boundaries, missed samples, sources; real Meta-World."""
+"""Episode accounting: sparse/env/progress reward, boundaries, missed samples, success sources,
+human labels, the status/observation join; real Meta-World."""
 
 from __future__ import annotations
 
 import json
 import math
 
+import numpy as np
 import pytest
 
 from vlarl.core.reward import (
     ConstantValue,
     EpisodeAccountant,
+    HumanSuccess,
+    LabelRefused,
+    ObservationJoin,
     RewardOutput,
+    SimSuccess,
     StatusSample,
     SuccessSourceUnavailable,
     make_success_source,
@@ -144,26 +150,136 @@ def test_flush_ends_the_open_episode() -> None:
     assert acc.flush() is None
 
 
-def test_value_comes_from_the_value_source() -> None:
-    class StepsLeft:
-        def value(self, s: StatusSample) -> float:
-            return -float(50 - s.step)
+class StepsLeft:
+    """A value source from a table: -d(o) with d = 50 - step (None for steps it lacks)."""
 
-    acc = EpisodeAccountant(value_source=StepsLeft())
-    outputs, _ = run(acc, [sample(0, 1), sample(0, 2)])
-    assert [o.value for o in outputs] == [-49.0, -48.0]
-    assert ConstantValue().value(sample(0, 1)) == 0.0
+    def __init__(self, missing: tuple[int, ...] = ()) -> None:
+        self.missing = missing
+        self.resets = 0
+
+    def value(self, s: StatusSample, obs: np.ndarray | None, task: str) -> float | None:
+        return None if s.step in self.missing else -float(50 - s.step)
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def test_value_comes_from_the_value_source() -> None:
+    source = StepsLeft()
+    acc = EpisodeAccountant(value_source=source)
+    outputs, _ = run(acc, [sample(0, 1), sample(0, 2), sample(1, 1)])
+    assert [o.value for o in outputs] == [-49.0, -48.0, -49.0]
+    assert source.resets == 2  # once per episode
+    assert ConstantValue().value(sample(0, 1), None, "") == 0.0
+
+
+def test_progress_scheme_is_dense_plus_sparse() -> None:
+    """r = progress_weight * (d(o_t) - d(o_t+1)) + success_weight on the success step."""
+    acc = EpisodeAccountant(
+        scheme="progress",
+        value_source=StepsLeft(missing=(3,)),
+        progress_weight=0.1,
+        success_weight=2.0,
+    )
+    samples = [sample(0, 0), sample(0, 1), sample(0, 2), sample(0, 3), sample(0, 4)]
+    samples.append(sample(0, 5, success=True, terminal=True))
+    outputs, summaries = run(acc, samples)
+    # step 0: no step taken; step 3: no value (no dense reward, value held); step 4: d 47 -> 46
+    assert [o.reward for o in outputs] == pytest.approx([0.0, 0.1, 0.1, 0.0, 0.2, 2.1])
+    assert [o.value for o in outputs] == [-50.0, -49.0, -48.0, -48.0, -46.0, -45.0]
+    assert summaries[0].episode_return == pytest.approx(2.5)
 
 
 def test_success_sources() -> None:
-    assert make_success_source("sim").name == "sim"
-    for name in ("human", "detector"):
-        problem = success_source_problem(name)
-        assert problem is not None and "not implemented" in problem and "'sim'" in problem
-        with pytest.raises(SuccessSourceUnavailable, match="not implemented"):
-            make_success_source(name)
+    assert isinstance(make_success_source("sim"), SimSuccess)
+    human = make_success_source("human")
+    assert isinstance(human, HumanSuccess)
+    assert not human.success(sample(0, 3, success=True), None, "pick-place-v3")
+    assert success_source_problem("human") is None
+    problem = success_source_problem("detector")
+    assert problem is not None and "needs a success detector" in problem
+    with pytest.raises(SuccessSourceUnavailable, match="detector_model"):
+        make_success_source("detector")
     with pytest.raises(SuccessSourceUnavailable, match="one of"):
         make_success_source("oracle")
+
+
+def test_human_label_ends_the_episode_at_its_next_sample() -> None:
+    acc = EpisodeAccountant(success_source=HumanSuccess())
+    with pytest.raises(LabelRefused, match="no episode"):
+        acc.label(True)
+    # the robot's own flag is ignored: only the label decides
+    outputs, summaries = run(acc, [sample(4, 1), sample(4, 2, success=True)])
+    assert [o.success for o in outputs] == [False, False] and summaries == []
+    assert acc.label(True) == 4
+    outputs, summaries = run(acc, [sample(4, 3)])
+    assert (outputs[0].reward, outputs[0].success, outputs[0].terminal) == (1.0, True, True)
+    assert [(s.episode, s.success, s.end, s.steps, s.success_source) for s in summaries] == [
+        (4, True, "label", 3, "human")
+    ]
+    with pytest.raises(LabelRefused, match="already ended"):
+        acc.label(False)
+    # samples after the labelled end earn nothing and end nothing
+    outputs, summaries = run(acc, [sample(4, 4), sample(4, 5, terminal=True)])
+    assert [o.reward for o in outputs] == [0.0, 0.0] and summaries == []
+    # a failure label: truncated, no reward
+    run(acc, [sample(5, 1)])
+    acc.label(False)
+    outputs, summaries = run(acc, [sample(5, 2)])
+    assert (outputs[0].reward, outputs[0].truncated, outputs[0].terminal) == (0.0, True, False)
+    assert (summaries[0].success, summaries[0].end) == (False, "label")
+    assert acc.labels_applied == 2
+
+
+def test_human_label_without_a_following_sample() -> None:
+    acc = EpisodeAccountant(success_source=HumanSuccess())
+    run(acc, [sample(1, 1), sample(1, 2)])
+    assert acc.expire_label() is None  # nothing pending
+    acc.label(True)
+    summary = acc.expire_label()
+    assert summary is not None and (summary.success, summary.end, summary.steps) == (
+        True,
+        "label",
+        2,
+    )
+    assert acc.episode is None
+    # a new episode while a label is pending: the old one ends with its label
+    run(acc, [sample(2, 1)])
+    acc.label(True)
+    _, summaries = run(acc, [sample(3, 1)])
+    assert [(s.episode, s.success, s.end) for s in summaries] == [(2, True, "label")]
+    assert acc.episode == 3
+
+
+def test_observation_join_pairs_by_stamp_in_status_order() -> None:
+    ms = 1_000_000
+    join = ObservationJoin(timeout_ns=100 * ms)
+    # no observation stream: statuses are released at once, without observations
+    join.add_status(10, "s10", now_ns=0)
+    assert join.ready(now_ns=0) == [("s10", None)]
+    # the stream starts: a status waits for its observation, which may come after it
+    join.add_observation(20, np.array([2.0]), now_ns=1 * ms)
+    join.add_status(20, "s20", now_ns=1 * ms)
+    join.add_status(30, "s30", now_ns=2 * ms)
+    out = join.ready(now_ns=2 * ms)
+    assert [(i, None if o is None else float(o[0])) for i, o in out] == [("s20", 2.0)]
+    assert join.ready(now_ns=3 * ms) == []  # s30 waits
+    join.add_observation(30, np.array([3.0]), now_ns=4 * ms)
+    assert [i for i, _ in join.ready(now_ns=4 * ms)] == ["s30"]
+    # a lost observation: a newer one arrives first -> released without
+    join.add_status(40, "s40", now_ns=5 * ms)
+    join.add_status(50, "s50", now_ns=5 * ms)
+    join.add_observation(50, np.array([5.0]), now_ns=6 * ms)
+    out = join.ready(now_ns=6 * ms)
+    assert [(i, o is None) for i, o in out] == [("s40", True), ("s50", False)]
+    # a status whose observation never comes is released after the timeout
+    join.add_observation(55, np.array([5.5]), now_ns=7 * ms)
+    join.add_status(60, "s60", now_ns=7 * ms)
+    assert join.ready(now_ns=50 * ms) == []
+    assert join.ready(now_ns=108 * ms) == [("s60", None)]
+    assert join.unmatched == 3 and len(join) == 0
+    with pytest.raises(ValueError):
+        ObservationJoin(timeout_ns=-1)
 
 
 def test_status_fields_and_reward_layout() -> None:

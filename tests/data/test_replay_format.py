@@ -55,8 +55,14 @@ def test_roundtrip_keeps_every_column_and_the_metadata(tmp_path: Path) -> None:
     data = make_episode(17)
     data.policy_version[:] = 1
     path = tmp_path / shard_name(0)
-    info = write_shard(path, data, tasks=["pick-place-v3"], source="test",
-                       versions=["expert@0", "model@3+residual@7"], extra={"note": "x"})
+    info = write_shard(
+        path,
+        data,
+        tasks=["pick-place-v3"],
+        source="test",
+        versions=["expert@0", "model@3+residual@7"],
+        extra={"note": "x"},
+    )
     back, meta = read_shard(path)
     assert_same(data, back)
     assert meta.rows == 17 and meta.tasks == ("pick-place-v3",)
@@ -107,7 +113,7 @@ def test_foreign_and_garbage_files_are_refused(tmp_path: Path) -> None:
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"x": np.zeros(3, np.float32)}, str(foreign), metadata={"format": "other/1"})
-    with pytest.raises(ReplayError, match="is not 'vlarl.replay/1'"):
+    with pytest.raises(ReplayError, match=r"is not 'vlarl.replay/1'"):
         read_shard(foreign)
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\xff" * 64)
@@ -120,7 +126,7 @@ def test_foreign_and_garbage_files_are_refused(tmp_path: Path) -> None:
 def test_malformed_columns_are_rejected_before_writing(tmp_path: Path) -> None:
     data = make_episode(5)
     data.reward = data.reward.astype(np.float64)
-    with pytest.raises(ReplayError, match="reward.*dtype"):
+    with pytest.raises(ReplayError, match=r"reward.*dtype"):
         write_shard(tmp_path / shard_name(0), data, tasks=["t"], source="a")
     data = make_episode(5)
     data.task[:] = 3
@@ -168,7 +174,12 @@ def test_writer_cuts_at_episode_boundaries_and_continues_numbering(tmp_path: Pat
     names = replay.task_names()
     episodes = dict(replay.data.episodes())
     assert [names[episodes[e][0]] for e in range(5)] == [
-        "reach-v3", "push-v3", "reach-v3", "push-v3", "pick-place-v3"]
+        "reach-v3",
+        "push-v3",
+        "reach-v3",
+        "push-v3",
+        "pick-place-v3",
+    ]
     versions = np.asarray(replay.versions)[replay.data.policy_version]
     assert versions[episodes[1][0]] == "expert-sigma1@0"
     assert versions[episodes[4][0]] == "model@1"
@@ -192,13 +203,23 @@ def test_empty_directory_is_an_error(tmp_path: Path) -> None:
         load_replay(tmp_path / "nope")
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(n=st.integers(0, 40), obs_dim=st.integers(1, 9), action_dim=st.integers(1, 5),
-       seed=st.integers(0, 1000))
-def test_roundtrip_property(tmp_path: Path, n: int, obs_dim: int, action_dim: int,
-                            seed: int) -> None:
-    data = (make_episode(n, obs_dim=obs_dim, action_dim=action_dim, seed=seed) if n
-            else Transitions.empty(obs_dim=obs_dim, action_dim=action_dim))
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    n=st.integers(0, 40),
+    obs_dim=st.integers(1, 9),
+    action_dim=st.integers(1, 5),
+    seed=st.integers(0, 1000),
+)
+def test_roundtrip_property(
+    tmp_path: Path, n: int, obs_dim: int, action_dim: int, seed: int
+) -> None:
+    data = (
+        make_episode(n, obs_dim=obs_dim, action_dim=action_dim, seed=seed)
+        if n
+        else Transitions.empty(obs_dim=obs_dim, action_dim=action_dim)
+    )
     path = tmp_path / f"p-{n}-{obs_dim}-{action_dim}-{seed}" / shard_name(0)
     if path.exists():
         return

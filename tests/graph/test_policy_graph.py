@@ -317,9 +317,16 @@ def test_observations_in_actions_out(start, harness: Harness, models, tmp_path: 
     assert status["episode_resets"] >= 1
 
 
-def test_swap_to_valid_model_misses_no_tick(start, harness: Harness, models) -> None:
+@pytest.mark.parametrize("executor", ["multi_threaded", "single_threaded"])
+def test_swap_to_valid_model_misses_no_tick(start, harness: Harness, models, executor: str) -> None:
     """(b) swap mid-stream at 200 Hz: one action per observation, the tag flips once."""
-    start("policy", model=str(models["v1_path"]), replan_every=2, status_rate_hz=10.0)
+    start(
+        "policy",
+        model=str(models["v1_path"]),
+        replan_every=2,
+        status_rate_hz=10.0,
+        executor=executor,
+    )
     harness.wait_ready()
     rng = np.random.default_rng(1)
     harness.warm_up(rng)
@@ -422,6 +429,11 @@ def test_start_without_model_holds_then_accepts_one(start, harness: Harness, mod
     harness.latest_status(lambda s: s["no_model"] >= 5, timeout=5.0)
     assert harness.n_actions() == 0
 
+    # Without a model, other parameters are stored and checked when a model loads.
+    assert harness.set_param("task", "push-v3").successful
+    result = harness.set_param("model", str(models["v1_path"]))
+    assert not result.successful and "does not know task 'push-v3'" in result.reason
+    assert harness.set_param("task", "pick-place-v3").successful
     result = harness.set_param("model", str(models["v1_path"]))
     assert result.successful, result.reason
     harness.warm_up(rng)

@@ -1,4 +1,9 @@
-"""The reward and visualization nodes as real processes over DDS."""
+"""The reward and visualization nodes as real processes over DDS.
+
+Reward: simulator-flag episodes; the learned success detector (and progress value) deciding
+from real Meta-World observations; a run-time switch of the success source with refusals; the
+human label service ending an episode and its label message.
+"""
 
 from __future__ import annotations
 
@@ -15,10 +20,13 @@ from vlarl.graph import wait_until
 from vlarl.topics import (
     COMMAND,
     EPISODE,
+    HUMAN_LABEL,
     MARKERS,
+    OBSERVATION,
     POLICY_ACTION,
     REWARD,
     REWARD_FIELDS,
+    REWARD_LABEL,
     ROBOT_STATUS,
     ROBOT_STATUS_FIELDS,
     TASK_STATE,
@@ -34,11 +42,13 @@ class Harness:
     """In-test node: publishes status/task state/command/action/reward, records what comes back."""
 
     def __init__(self, context: Any) -> None:
+        from rcl_interfaces.srv import SetParameters
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.node import Node
         from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import JointState
         from std_msgs.msg import String
+        from std_srvs.srv import SetBool
         from trajectory_msgs.msg import JointTrajectory
         from visualization_msgs.msg import MarkerArray
 
@@ -51,12 +61,17 @@ class Harness:
         self.command_pub = self.node.create_publisher(JointState, COMMAND, qos)
         self.action_pub = self.node.create_publisher(JointTrajectory, POLICY_ACTION, qos)
         self.reward_pub = self.node.create_publisher(JointState, REWARD, qos)
+        self.obs_pub = self.node.create_publisher(JointState, OBSERVATION, qos)
         self.lock = threading.Lock()
         self.rewards: list[tuple[int, dict[str, float]]] = []
         self.episodes: list[dict[str, Any]] = []
+        self.labels: list[dict[str, Any]] = []
         self.markers: list[Any] = []
         self.reward_sub = self.node.create_subscription(JointState, REWARD, self._on_reward, qos)
         self.episode_sub = self.node.create_subscription(String, EPISODE, self._on_episode, 50)
+        self.label_sub = self.node.create_subscription(String, HUMAN_LABEL, self._on_label, 50)
+        self.label_client = self.node.create_client(SetBool, REWARD_LABEL)
+        self.param_client = self.node.create_client(SetParameters, "/reward/set_parameters")
         self.marker_sub = self.node.create_subscription(MarkerArray, MARKERS, self._on_markers, 10)
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
@@ -76,6 +91,78 @@ class Harness:
     def _on_episode(self, msg: Any) -> None:
         with self.lock:
             self.episodes.append(json.loads(msg.data))
+
+    def _on_label(self, msg: Any) -> None:
+        with self.lock:
+            self.labels.append(json.loads(msg.data))
+
+    def call(self, future: Any, timeout: float = 10.0) -> Any:
+        assert wait_until(future.done, timeout=timeout), "service call timed out"
+        return future.result()
+
+    def set_param(self, name: str, value: Any) -> Any:
+        from rcl_interfaces.srv import SetParameters
+        from rclpy.parameter import Parameter
+
+        assert self.param_client.wait_for_service(timeout_sec=READY_TIMEOUT)
+        request = SetParameters.Request(
+            parameters=[Parameter(name, value=value).to_parameter_msg()]
+        )
+        return self.call(self.param_client.call_async(request)).results[0]
+
+    def label(self, success: bool) -> Any:
+        from std_srvs.srv import SetBool
+
+        assert self.label_client.wait_for_service(timeout_sec=READY_TIMEOUT)
+        return self.call(self.label_client.call_async(SetBool.Request(data=success)))
+
+    def wait_ready(self, *, observations: bool = False) -> None:
+        assert wait_until(
+            lambda: (
+                self.status_pub.get_subscription_count() > 0
+                and self.task_pub.get_subscription_count() > 0
+                and (not observations or self.obs_pub.get_subscription_count() > 0)
+                and self.reward_sub.get_publisher_count() > 0
+                and self.episode_sub.get_publisher_count() > 0
+            ),
+            timeout=READY_TIMEOUT,
+        ), "reward node did not come up"
+
+    def play(
+        self,
+        episode: int,
+        obs: np.ndarray | None,
+        *,
+        stamp0: int,
+        success_at: int | None = None,
+        truncate_last: bool = False,
+        obs_first: bool = False,
+        steps: int | None = None,
+    ) -> list[int]:
+        """Publish steps 0..n of one episode (status + task state + observation, one stamp).
+
+        The robot's success flag is only raised at ``success_at`` (None: never)."""
+        n = (obs.shape[0] if obs is not None else int(steps or 0) + 1) - 1
+        stamps = []
+        for k in range(n + 1):
+            stamp = stamp0 + k * 12_500_000
+            stamps.append(stamp)
+            flag = float(success_at is not None and k >= success_at)
+            last = float(truncate_last and k == n)
+            status = [episode, k, flag, 0.0, last, 0.0]
+            state = obs[k] if obs is not None else np.zeros(39)
+            self.task_pub.publish(_vector(state, stamp_ns=stamp, frame="pick-place-v3"))
+            if obs is not None and obs_first:
+                self.obs_pub.publish(_vector(obs[k], stamp_ns=stamp, frame="state"))
+            self.status_pub.publish(_vector(status, stamp_ns=stamp, names=ROBOT_STATUS_FIELDS))
+            if obs is not None and not obs_first:
+                self.obs_pub.publish(_vector(obs[k], stamp_ns=stamp, frame="state"))
+            time.sleep(0.002)
+        return stamps
+
+    def rewards_of(self, episode: int) -> list[dict[str, float]]:
+        with self.lock:
+            return [r for _, r in self.rewards if r["episode"] == episode]
 
     def _on_markers(self, msg: Any) -> None:
         with self.lock:
@@ -155,12 +242,171 @@ def test_reward_node_rewards_and_episodes(start: Any, rclpy_context: Any) -> Non
     assert [e["end"] for e in h.episodes] == ["terminal", "truncated", "unterminated"]
 
 
-def test_reward_node_refuses_unimplemented_success_source(start: Any) -> None:
-    node = start("reward", success_source="detector")
+def test_reward_node_refuses_a_detector_source_without_a_detector(start: Any) -> None:
+    node = start("reward", success_source="detector", detector_model="models/missing.onnx")
     assert wait_until(lambda: not node.alive(), timeout=READY_TIMEOUT)
     assert node.process.returncode == 2
     log = node.log_path.read_text() if node.log_path else ""
-    assert "success_source 'detector' is not implemented yet" in log
+    assert "detector_model refused: model file not found" in log
+    assert "success_source 'detector' needs a success detector" in log
+
+
+DETECTOR = "models/pick-place-v3-success-detector.onnx"  # resolved against the package
+PROGRESS = "models/pick-place-v3-progress.onnx"
+
+
+def _real_episodes() -> tuple[np.ndarray, int, np.ndarray]:
+    """(observations of a noisy-expert success on pick-place-v3, its success step, those of a
+    near-miss that stops a few centimetres short), from the real simulator."""
+    from vlarl.learning import envs
+    from vlarl.learning.collect import run_episode
+    from vlarl.rewardmodels.episodes import CopyingExpert, near_miss_episode
+    from vlarl.rewardmodels.labels import observation_sequence, success_step_of
+
+    env = envs.make_env("pick-place-v3")
+    expert = CopyingExpert(envs.expert_for("pick-place-v3"))
+    data, ok = run_episode(
+        env,
+        expert,
+        seed=515151,
+        sigma=0.2,
+        rng=np.random.default_rng(3),
+        max_steps=300,
+        post_success_steps=0,
+    )
+    assert ok
+    near = None
+    seed = 525252
+    while near is None or near.succeeded:
+        near = near_miss_episode(
+            env,
+            expert,
+            seed=seed,
+            sigma=0.0,
+            stop_short=(6, 10),
+            drift_steps=30,
+            drift_sigma=0.1,
+            rng=np.random.default_rng(seed),
+            max_steps=300,
+            post_success_steps=0,
+        )
+        seed += 1
+    env.close()
+    s = success_step_of(data.success)
+    assert s is not None
+    obs = observation_sequence(data, np.arange(len(data)))
+    return obs, s, observation_sequence(near.data, np.arange(len(near.data)))
+
+
+def test_detector_decides_success_from_real_observations(start: Any, rclpy_context: Any) -> None:
+    """The robot's flag never rises: success (and the reward) come from the learned detector;
+    value from the progress model. A near-miss is not a success."""
+    obs, s, near = _real_episodes()
+    start("reward", success_source="detector", detector_model=DETECTOR, progress_model=PROGRESS)
+    h = Harness(rclpy_context)
+    try:
+        h.wait_ready(observations=True)
+        h.play(0, obs, stamp0=T0_NS)  # status first, then the observation (as in lockstep)
+        h.play(1, near, stamp0=T0_NS + 10**10, truncate_last=True, obs_first=True)
+        assert wait_until(lambda: len(h.episodes) >= 2, timeout=15.0), h.episodes
+        time.sleep(0.2)
+    finally:
+        h.close()
+    first = h.rewards_of(0)
+    hits = [int(r["step"]) for r in first if r["reward"] == 1.0]
+    assert len(hits) == 1 and abs(hits[0] - s) <= 4, (hits, s)
+    assert sum(r["reward"] for r in first) == 1.0
+    ended = next(r for r in first if r["terminal"] == 1.0)
+    assert ended["success"] == 1.0 and int(ended["step"]) == hits[0]
+    # value = -d(o): negative, and nearer zero at the success than at the start (step 0 came
+    # before the first observation of the stream: no value for it)
+    values = [r["value"] for r in first]
+    assert all(v <= 0.0 for v in values) and values[1] < -10.0
+    assert values[hits[0]] > values[1] + 10.0
+    second = h.rewards_of(1)
+    assert len(second) == near.shape[0]
+    assert all(r["reward"] == 0.0 and r["success"] == 0.0 for r in second)
+    summaries = {e["episode"]: e for e in h.episodes}
+    assert (summaries[0]["success"], summaries[0]["end"]) == (True, "success")
+    assert (summaries[1]["success"], summaries[1]["end"]) == (False, "truncated")
+    assert {e["success_source"] for e in h.episodes} == {"detector"}
+
+
+def test_success_source_switches_at_run_time(start: Any, rclpy_context: Any, tmp_path: Any) -> None:
+    _, _, near = _real_episodes()
+    start("reward", detector_model=DETECTOR)
+    h = Harness(rclpy_context)
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07not an onnx model")
+    try:
+        h.wait_ready(observations=True)
+        # the robot raises its flag at the end of the near-miss: 'sim' believes it
+        h.play(0, near, stamp0=T0_NS, success_at=near.shape[0] - 1)
+        assert wait_until(lambda: len(h.episodes) >= 1, timeout=10.0)
+        assert h.set_param("success_source", "detector").successful
+        h.play(1, near, stamp0=T0_NS + 10**10, success_at=near.shape[0] - 1, truncate_last=True)
+        assert wait_until(lambda: len(h.episodes) >= 2, timeout=10.0)
+        refused = h.set_param("detector_model", str(corrupt))
+        assert not refused.successful and "detector_model refused" in refused.reason
+        assert "not a readable ONNX" in refused.reason
+        refused = h.set_param("detector_model", "")
+        assert not refused.successful and "needs a success detector" in refused.reason
+        refused = h.set_param("success_source", "oracle")
+        assert not refused.successful and "one of" in refused.reason
+        assert h.set_param("success_source", "human").successful
+        h.play(2, None, stamp0=T0_NS + 2 * 10**10, success_at=2, steps=3, truncate_last=True)
+        assert wait_until(lambda: len(h.episodes) >= 3, timeout=10.0)
+    finally:
+        h.close()
+    assert [(e["episode"], e["success_source"], e["success"]) for e in h.episodes] == [
+        (0, "sim", True),
+        (1, "detector", False),
+        (2, "human", False),
+    ]
+
+
+def test_human_label_ends_the_episode_and_is_published(start: Any, rclpy_context: Any) -> None:
+    start("reward", success_source="human")
+    h = Harness(rclpy_context)
+    try:
+        h.wait_ready()
+        assert wait_until(lambda: h.label_sub.get_publisher_count() > 0, timeout=READY_TIMEOUT)
+        answer = h.label(True)
+        assert not answer.success and "no episode" in answer.message
+        # the robot's own flag (step 2) is ignored with success_source human
+        h.play(0, None, stamp0=T0_NS, success_at=2, steps=4)
+        assert wait_until(lambda: len(h.rewards_of(0)) == 5, timeout=10.0)
+        answer = h.label(True)
+        assert answer.success and "episode 0" in answer.message
+        stamp = T0_NS + 5 * 12_500_000
+        h.status_pub.publish(_vector([0, 5, 0, 0, 0, 0], stamp_ns=stamp, names=ROBOT_STATUS_FIELDS))
+        assert wait_until(lambda: len(h.episodes) >= 1 and len(h.labels) >= 2, timeout=10.0)
+        answer = h.label(False)  # the episode is over
+        assert not answer.success and "already ended" in answer.message
+        # a failure label on the next episode, with no further sample: ends after the timeout
+        h.play(1, None, stamp0=T0_NS + 10**10, steps=2)
+        assert wait_until(lambda: len(h.rewards_of(1)) == 3, timeout=10.0)
+        assert h.label(False).success
+        assert wait_until(lambda: len(h.episodes) >= 2, timeout=10.0)
+        time.sleep(0.2)
+    finally:
+        h.close()
+    rewards = h.rewards_of(0)
+    assert [r["reward"] for r in rewards] == [0.0] * 5 + [1.0]
+    assert [r["success"] for r in rewards] == [0.0] * 5 + [1.0]
+    assert rewards[-1]["terminal"] == 1.0
+    assert [(e["episode"], e["success"], e["end"], e["success_source"]) for e in h.episodes] == [
+        (0, True, "label", "human"),
+        (1, False, "label", "human"),
+    ]
+    applied = [lab for lab in h.labels if lab["applied"]]
+    assert [(lab["episode"], lab["label"], lab["success"]) for lab in applied] == [
+        (0, "success", True),
+        (1, "failure", False),
+    ]
+    assert applied[0]["stamp"] == T0_NS + 4 * 12_500_000  # the latest status when labelled
+    assert all(lab["task"] == "pick-place-v3" for lab in applied)
+    assert len(h.labels) == 4  # refused labels are recorded too
 
 
 def test_visualization_publishes_markers(start: Any, rclpy_context: Any) -> None:

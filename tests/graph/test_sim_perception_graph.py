@@ -57,13 +57,19 @@ class Probe:
         self._command.name = list(ACTION_NAMES)
         self._command.position = list(action)
         self.node.create_subscription(JointState, OBSERVATION, self._on_observation, qos)
-        self.node.create_subscription(JointState, TASK_STATE, self.states.append, qos)
+        self.answer_states = False  # answer robot/task_state directly (no perception)
+        self.node.create_subscription(JointState, TASK_STATE, self._on_state, qos)
         self.node.create_subscription(JointState, ROBOT_STATUS, self.status.append, qos)
         self.node.create_subscription(JointState, JOINT_STATES, self.joints.append, qos)
         self.node.create_subscription(Clock, CLOCK, self.clock.append, qos)
         self.node.create_subscription(Image, CAMERA_IMAGE, self.images.append, QoSProfile(depth=5))
         self.executor = SingleThreadedExecutor(context=context)
         self.executor.add_node(self.node)
+
+    def _on_state(self, msg: Any) -> None:
+        self.states.append(msg)
+        if self.answer_states:
+            self.send(msg.header.stamp)
 
     def _on_observation(self, msg: Any) -> None:
         self.observations.append(msg)
@@ -181,13 +187,21 @@ def test_lockstep_loop_closes_through_perception(start, probe):
     # Joint states and clock ride along with every sample.
     assert probe.joints and len(probe.joints[-1].position) == 9
     assert probe.joints[-1].name[0] == "right_j0" and probe.clock
-    # Ctrl-C shuts both down cleanly.
-    assert perception.stop() == 0 and sim.stop() == 0
+    # Ctrl-C shuts perception down cleanly; then the test node answers the robot directly.
+    assert perception.stop() == 0
+    probe.answer_states = True
+    probe.send(probe.states[-1].header.stamp)
+    t0, n0 = time.monotonic(), len(probe.states)
+    probe.spin_for(2.0)
+    direct = (len(probe.states) - n0) / (time.monotonic() - t0)
+    print(f"lockstep sim <-> test node: {direct:.0f} steps/s")
+    assert direct > 20
+    assert sim.stop() == 0
 
 
 def test_lockstep_waits_for_a_matching_valid_command(start, probe):
     probe.answer = False
-    start("sim_robot", camera_rate_hz=0.0, lockstep_timeout_s=0.3)
+    start("sim_robot", camera_rate_hz=0.0, lockstep_timeout_s=0.3, use_sim_time=True)
     assert probe.spin_until(lambda: len(probe.states) > 0, START_TIMEOUT)
     probe.spin_for(1.0)
     stamps = {ns(m.header.stamp) for m in probe.states}
@@ -206,6 +220,9 @@ def test_lockstep_waits_for_a_matching_valid_command(start, probe):
     probe.send(stamp, [0.0, 0.0, 0.0, 0.0])
     assert probe.spin_until(lambda: probe.last("step") == 1.0, 10.0)
     assert len({ns(m.header.stamp) for m in probe.states}) == 2 and len(probe.states) > n
+    # use_sim_time: stamps are simulated time (ticks x 12.5 ms), the same as /clock.
+    assert sorted({ns(m.header.stamp) for m in probe.states}) == [12_500_000, 25_000_000]
+    assert probe.spin_until(lambda: ns(probe.clock[-1].clock) == 25_000_000, 5.0)
 
 
 def test_reset_service_and_task_parameter(start, probe):
@@ -269,6 +286,7 @@ def test_camera_rate_and_image_perception(start, probe):
     assert obs.header.frame_id == "image" and len(obs.position) == 14
     assert list(obs.name[:3]) == ["hand_x", "hand_y", "hand_z"]
     assert ns(obs.header.stamp) in {ns(m.header.stamp) for m in probe.images}
+    state_stamps = {ns(m.header.stamp): m for m in probe.states}
     state = np.asarray(state_stamps[ns(obs.header.stamp)].position)
     estimate = np.asarray(obs.position)
     assert np.allclose(estimate[10:14], state[:4])  # proprioception of the same sample
@@ -278,8 +296,11 @@ def test_camera_rate_and_image_perception(start, probe):
     results = probe.set_params("sim_robot", mode="lockstep", camera_every_sample=True)
     assert all(r.successful for r in results)
     probe.answer = True
-    n_obs = len(probe.observations)
-    assert probe.spin_until(lambda: len(probe.observations) >= n_obs + 8, 30.0)
+    n_obs, t0 = len(probe.observations), time.monotonic()
+    assert probe.spin_until(
+        lambda: len({ns(m.header.stamp) for m in probe.observations[n_obs:]}) >= 8, 30.0
+    )
+    print(f"lockstep on image observations: {8 / (time.monotonic() - t0):.1f} steps/s")
     probe.answer = False
     probe.spin_for(0.3)
     answered = {ns(m.header.stamp) for m in probe.observations[n_obs:]}
@@ -287,3 +308,87 @@ def test_camera_rate_and_image_perception(start, probe):
     assert answered <= image_stamps
     stepped = [s for s in {ns(m.header.stamp) for m in probe.states} if s > min(answered)]
     assert len(stepped) >= 7, "lockstep did not advance on image observations"
+
+
+def _publishers(probe: Probe) -> tuple[Any, Any]:
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image, JointState
+
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    return (
+        probe.node.create_publisher(JointState, TASK_STATE, qos),
+        probe.node.create_publisher(Image, CAMERA_IMAGE, QoSProfile(depth=2)),
+    )
+
+
+def _state_msg(stamp_ns: int, values: Any) -> Any:
+    from vlarl.ros.msgs import ns_to_stamp, vector_msg
+
+    return vector_msg(values, stamp=ns_to_stamp(stamp_ns), frame_id="pick-place-v3")
+
+
+def test_perception_state_path_drops_malformed_states(start, probe):
+    probe.answer = False
+    state_pub, _ = _publishers(probe)
+    start("perception", source="state")
+    good = np.linspace(-0.5, 0.5, 39)
+    assert probe.spin_until(
+        lambda: (state_pub.publish(_state_msg(1_000, good)), bool(probe.observations))[1],
+        START_TIMEOUT,
+    ), "perception did not answer a valid state"
+    bad = good.copy()
+    bad[7] = np.nan
+    for stamp, values in ((2_000, bad), (3_000, good[:20]), (4_000, good)):
+        state_pub.publish(_state_msg(stamp, values))
+    assert probe.spin_until(lambda: ns(probe.observations[-1].header.stamp) == 4_000, 10.0)
+    stamps = {ns(m.header.stamp) for m in probe.observations}
+    assert 2_000 not in stamps and 3_000 not in stamps
+    assert np.allclose(probe.observations[-1].position, good)
+
+
+def test_perception_image_path_pairs_by_stamp_and_drops_malformed_frames(start, probe):
+    from sensor_msgs.msg import Image
+
+    from vlarl.ros.msgs import ns_to_stamp
+
+    probe.answer = False
+    state_pub, image_pub = _publishers(probe)
+    start("perception", source="image", proprio="task_state")
+    frame = np.random.default_rng(0).integers(0, 256, size=(84, 84, 3), dtype=np.uint8)
+    state = np.zeros(39)
+
+    def image(stamp_ns: int, *, encoding="rgb8", size=84, camera="corner3") -> Image:
+        msg = Image()
+        msg.header.stamp = ns_to_stamp(stamp_ns)
+        msg.header.frame_id = camera
+        msg.height = msg.width = size
+        msg.encoding = encoding
+        msg.step = size * 3
+        msg.data = frame[:size, :size].tobytes()
+        return msg
+
+    def send(stamp_ns: int, **kwargs: Any) -> None:
+        state[:4] = [stamp_ns * 1e-6, 0.6, 0.2, 1.0]
+        state_pub.publish(_state_msg(stamp_ns, state))
+        image_pub.publish(image(stamp_ns, **kwargs))
+
+    assert probe.spin_until(
+        lambda: (send(1_000_000), bool(probe.observations))[1], START_TIMEOUT
+    ), "no observation from a valid frame"
+    send(2_000_000, encoding="mono8")
+    send(3_000_000, size=64)
+    send(4_000_000, camera="corner")
+    state_pub.publish(_state_msg(5_000_000, np.full(39, np.nan)))  # NaN proprioception
+    probe.spin_for(0.2)
+    image_pub.publish(image(5_000_000))
+    probe.spin_for(0.5)
+    send(6_000_000)
+    assert probe.spin_until(lambda: ns(probe.observations[-1].header.stamp) == 6_000_000, 10.0)
+    stamps = {ns(m.header.stamp) for m in probe.observations}
+    assert stamps & {2_000_000, 3_000_000, 4_000_000, 5_000_000} == set()
+    obs = probe.observations[-1]
+    assert obs.header.frame_id == "image" and len(obs.position) == 14
+    assert np.all(np.isfinite(obs.position))
+    assert np.allclose(obs.position[10:14], [6.0, 0.6, 0.2, 1.0])  # the same sample's proprio
+    refused = probe.set_params("perception", encoder_path="/nonexistent/encoder.onnx")
+    assert not refused[0].successful and "not found" in refused[0].reason

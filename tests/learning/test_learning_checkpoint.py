@@ -17,12 +17,25 @@ from vlarl.learning.networks import PolicySpec, build_policy
 
 def small_policy(kind: str, *, instr_dim: int = 0, seed: int = 0):
     torch.manual_seed(seed)
-    spec = PolicySpec(kind=kind, obs_dim=6, action_dim=2, chunk_length=3, instr_dim=instr_dim,
-                      hidden=16, depth=2, instr_proj=4, time_features=3, steps=4,
-                      tasks=["a", "b"] if instr_dim else ["a"])
+    spec = PolicySpec(
+        kind=kind,
+        obs_dim=6,
+        action_dim=2,
+        chunk_length=3,
+        instr_dim=instr_dim,
+        hidden=16,
+        depth=2,
+        instr_proj=4,
+        time_features=3,
+        steps=4,
+        tasks=["a", "b"] if instr_dim else ["a"],
+    )
     policy = build_policy(spec).eval()
-    policy.normalizer.fit(np.random.default_rng(seed).normal(2.0, 3.0, (50, 6)),
-                          action_low=-np.ones(2), action_high=np.ones(2))
+    policy.normalizer.fit(
+        np.random.default_rng(seed).normal(2.0, 3.0, (50, 6)),
+        action_low=-np.ones(2),
+        action_high=np.ones(2),
+    )
     return policy
 
 
@@ -31,8 +44,9 @@ def test_roundtrip_rebuilds_the_same_policy(tmp_path: Path, kind: str) -> None:
     policy = small_policy(kind, instr_dim=5)
     emb = {"a": np.arange(5, dtype=np.float32), "b": -np.arange(5, dtype=np.float32)}
     path = tmp_path / "p.safetensors"
-    digest = save_checkpoint(path, policy, step=123, instructions=emb, config={"lr": 1e-3},
-                             parent="abc")
+    digest = save_checkpoint(
+        path, policy, step=123, instructions=emb, config={"lr": 1e-3}, parent="abc"
+    )
     ckpt = load_checkpoint(path)
     assert ckpt.sha256 == digest and ckpt.step == 123 and ckpt.parent == "abc"
     assert ckpt.spec == policy.spec and ckpt.tasks == ("a", "b")
@@ -92,7 +106,7 @@ def test_foreign_files_and_replay_shards_are_not_checkpoints(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match="no metadata"):
         load_checkpoint(path)
     save_file({"w": np.zeros(2, np.float32)}, str(path), metadata={"format": "vlarl.replay/1"})
-    with pytest.raises(CheckpointError, match="not 'vlarl.checkpoint/1'"):
+    with pytest.raises(CheckpointError, match=r"not 'vlarl.checkpoint/1'"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(tmp_path / "missing.safetensors")

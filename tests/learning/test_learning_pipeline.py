@@ -27,21 +27,89 @@ NET = ["--hidden", "32", "--depth", "2", "--threads", "1", "--log-every", "10"]
 def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("pipeline")
     demos = root / "demos"
-    assert main(["collect", "--out", str(demos), "--tasks", TASKS, "--episodes", "3",
-                 "--sigmas", "0,1", "--max-steps", "60", "--post-success-steps", "2"]) == 0
+    assert (
+        main(
+            [
+                "collect",
+                "--out",
+                str(demos),
+                "--tasks",
+                TASKS,
+                "--episodes",
+                "3",
+                "--sigmas",
+                "0,1",
+                "--max-steps",
+                "60",
+                "--post-success-steps",
+                "2",
+            ]
+        )
+        == 0
+    )
     paths = {"root": root, "demos": demos}
     for verb, name, ckpt in (("train-bc", "bc", "bc"), ("train-teacher", "teacher", "teacher")):
-        assert main([verb, "--data", str(demos), "--out", str(root / name), "--train-steps", "30",
-                     "--chunk-length", "4", *NET]) == 0
+        assert (
+            main(
+                [
+                    verb,
+                    "--data",
+                    str(demos),
+                    "--out",
+                    str(root / name),
+                    "--train-steps",
+                    "30",
+                    "--chunk-length",
+                    "4",
+                    *NET,
+                ]
+            )
+            == 0
+        )
         paths[name] = root / name / f"{ckpt}.safetensors"
-    assert main(["distill", "--teacher", str(paths["teacher"]), "--data", str(demos),
-                 "--out", str(root / "student"), "--train-steps", "20", "--batch-size", "32",
-                 "--threads", "1", "--log-every", "10"]) == 0
+    assert (
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(paths["teacher"]),
+                "--data",
+                str(demos),
+                "--out",
+                str(root / "student"),
+                "--train-steps",
+                "20",
+                "--batch-size",
+                "32",
+                "--threads",
+                "1",
+                "--log-every",
+                "10",
+            ]
+        )
+        == 0
+    )
     paths["student"] = root / "student" / "student.safetensors"
     for name in ("student", "teacher"):
         onnx_path = root / f"{name}.onnx"
-        assert main(["export", "--checkpoint", str(paths[name]), "--out", str(onnx_path),
-                     "--model-id", f"smoke-{name}", "--version", "3", "--check-samples", "64"]) == 0
+        assert (
+            main(
+                [
+                    "export",
+                    "--checkpoint",
+                    str(paths[name]),
+                    "--out",
+                    str(onnx_path),
+                    "--model-id",
+                    f"smoke-{name}",
+                    "--version",
+                    "3",
+                    "--check-samples",
+                    "64",
+                ]
+            )
+            == 0
+        )
         paths[f"{name}_onnx"] = onnx_path
     return paths
 
@@ -93,24 +161,64 @@ def test_export_meets_the_contract(pipeline: dict[str, Path]) -> None:
 
 def test_export_refuses_to_overwrite(pipeline: dict[str, Path]) -> None:
     with pytest.raises(LearningError, match="exists"):
-        main(["export", "--checkpoint", str(pipeline["student"]),
-              "--out", str(pipeline["student_onnx"])])
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(pipeline["student"]),
+                "--out",
+                str(pipeline["student_onnx"]),
+            ]
+        )
 
 
 def test_evaluate_checkpoint_and_onnx(pipeline: dict[str, Path]) -> None:
     root = pipeline["root"]
     out = root / "eval-student.json"
-    assert main(["evaluate", "--policy", str(pipeline["student_onnx"]), "--tasks", "reach-v3",
-                 "--episodes", "2", "--max-steps", "15", "--replan-every", "2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--policy",
+                str(pipeline["student_onnx"]),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "2",
+                "--max-steps",
+                "15",
+                "--replan-every",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     r = doc["tasks"]["reach-v3"]
     assert r["episodes"] == 2 and r["seeds"] == [1_000_000, 1_000_001]
     assert 0.0 <= r["ci_low"] <= r["success_rate"] <= r["ci_high"] <= 1.0
     assert doc["replan_every"] == 2 and doc["backend"] == "vlarl.core.onnx_policy"
     # The teacher checkpoint with fewer integration steps, in PyTorch.
-    assert main(["evaluate", "--policy", str(pipeline["teacher"]), "--steps", "3",
-                 "--episodes", "2", "--max-steps", "10", "--parallel", "2"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--policy",
+                str(pipeline["teacher"]),
+                "--steps",
+                "3",
+                "--episodes",
+                "2",
+                "--max-steps",
+                "10",
+                "--parallel",
+                "2",
+            ]
+        )
+        == 0
+    )
     default = pipeline["teacher"].parent / "eval-teacher-2tasks.json"
     assert set(json.loads(default.read_text())["tasks"]) == {"reach-v3", "pick-place-v3"}
 
@@ -120,12 +228,28 @@ def test_same_seeds_same_results(pipeline: dict[str, Path]) -> None:
     docs = []
     for i in range(2):
         out = root / f"repeat-{i}.json"
-        main(["evaluate", "--policy", str(pipeline["bc"]), "--tasks", "reach-v3", "--episodes",
-              "2", "--max-steps", "40", "--out", str(out), "--parallel", str(1 + i)])
+        main(
+            [
+                "evaluate",
+                "--policy",
+                str(pipeline["bc"]),
+                "--tasks",
+                "reach-v3",
+                "--episodes",
+                "2",
+                "--max-steps",
+                "40",
+                "--out",
+                str(out),
+                "--parallel",
+                str(1 + i),
+            ]
+        )
         docs.append(json.loads(out.read_text())["tasks"]["reach-v3"])
     assert docs[0]["per_episode"] == docs[1]["per_episode"]
     assert docs[0]["mean_length_success"] == docs[1]["mean_length_success"] or (
-        np.isnan(docs[0]["mean_length_success"]) and np.isnan(docs[1]["mean_length_success"]))
+        np.isnan(docs[0]["mean_length_success"]) and np.isnan(docs[1]["mean_length_success"])
+    )
 
 
 def test_tampered_checkpoint_is_refused_by_every_verb(pipeline: dict[str, Path]) -> None:
@@ -138,10 +262,21 @@ def test_tampered_checkpoint_is_refused_by_every_verb(pipeline: dict[str, Path])
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
         main(["export", "--checkpoint", str(bad), "--out", str(pipeline["root"] / "x.onnx")])
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
-        main(["distill", "--teacher", str(bad), "--data", str(pipeline["demos"]),
-              "--out", str(pipeline["root"] / "s2"), "--train-steps", "1"])
+        main(
+            [
+                "distill",
+                "--teacher",
+                str(bad),
+                "--data",
+                str(pipeline["demos"]),
+                "--out",
+                str(pipeline["root"] / "s2"),
+                "--train-steps",
+                "1",
+            ]
+        )
 
 
 def test_collect_refuses_an_existing_replay(pipeline: dict[str, Path]) -> None:
-    with pytest.raises(LearningError, match="exists|already holds"):
+    with pytest.raises(LearningError, match=r"exists|already holds"):
         main(["collect", "--out", str(pipeline["demos"]), "--episodes", "1"])

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from vlarl.learning import tensorrt
-from vlarl.learning.export import check_inputs, metadata_for, ort_run, to_onnx_bytes, with_metadata
 from vlarl.learning.checkpoint import load_checkpoint, save_checkpoint
+from vlarl.learning.export import check_inputs, metadata_for, ort_run, to_onnx_bytes, with_metadata
 from vlarl.learning.networks import PolicySpec, build_policy
 
 REASON = tensorrt.unavailable_reason()
@@ -19,11 +19,22 @@ REASON = tensorrt.unavailable_reason()
 
 def exported_student(tmp_path: Path) -> tuple[Path, object]:
     torch.manual_seed(0)
-    spec = PolicySpec(kind="student", obs_dim=39, action_dim=4, chunk_length=8, instr_dim=0,
-                      hidden=64, depth=2, tasks=["pick-place-v3"])
+    spec = PolicySpec(
+        kind="student",
+        obs_dim=39,
+        action_dim=4,
+        chunk_length=8,
+        instr_dim=0,
+        hidden=64,
+        depth=2,
+        tasks=["pick-place-v3"],
+    )
     policy = build_policy(spec)
-    policy.normalizer.fit(np.random.default_rng(0).normal(size=(64, 39)),
-                          action_low=-np.ones(4), action_high=np.ones(4))
+    policy.normalizer.fit(
+        np.random.default_rng(0).normal(size=(64, 39)),
+        action_low=-np.ones(4),
+        action_high=np.ones(4),
+    )
     save_checkpoint(tmp_path / "s.safetensors", policy, step=0)
     ckpt = load_checkpoint(tmp_path / "s.safetensors")
     meta = metadata_for(ckpt, model_id="trt-test", version=1, steps=0)
@@ -43,7 +54,7 @@ def test_without_a_gpu_the_engine_step_skips_with_the_reason(tmp_path: Path) -> 
     feeds = check_inputs(ckpt, 4, 0)
     same = tensorrt.check_engine(report, feeds, ort_run(path.read_bytes(), feeds), "action_chunk")
     assert not same.checked
-    with pytest.raises(RuntimeError, match="GPU|tensorrt"):
+    with pytest.raises(RuntimeError, match=r"GPU|tensorrt"):
         tensorrt.EngineRunner(tmp_path / "s.engine")
 
 

@@ -18,6 +18,7 @@ def test_exact_stamp_match_from_history():
     assert pairer.add_frame(20, "f")[0] == 20  # type: ignore[index]
     assert pairer.add_frame(15, "g") is False  # no sample with that stamp
     assert pairer.add_frame(5, "h") is False
+    assert pairer.unpaired == 2
 
 
 def test_frame_newer_than_history_waits_and_completes():
@@ -30,6 +31,9 @@ def test_frame_newer_than_history_waits_and_completes():
     done = pairer.add_proprio(30, vec(3))
     assert done is not None and done[0] == 30 and done[1] == "b" and done[2][0] == 3
     assert pairer.add_proprio(40, vec(4)) is None  # nothing waits any more
+    assert pairer.add_frame(50, "c") is None
+    assert pairer.add_proprio(60, vec(6)) is None  # no sample at 50: the frame is unpaired
+    assert pairer.unpaired == 1
 
 
 def test_skew_tolerance_picks_the_nearest_sample():

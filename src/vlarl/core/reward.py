@@ -272,8 +272,10 @@ def success_source_problem(name: str, *, detector: SuccessDetector | None = None
     if name not in SUCCESS_SOURCES:
         return f"success_source must be one of {', '.join(SUCCESS_SOURCES)}, got {name!r}"
     if name == "detector" and detector is None:
-        return ("success_source 'detector' needs a success detector: set detector_model to a "
-                "model that loads (see the node's log for why the current one did not)")
+        return (
+            "success_source 'detector' needs a success detector: set detector_model to a "
+            "model that loads (see the node's log for why the current one did not)"
+        )
     return None
 
 
@@ -335,9 +337,9 @@ class ObservationJoin:
         while self._pending:
             stamp, arrived, item = self._pending[0]
             obs = self._obs.pop(stamp, None)
-            if obs is None and alive and stamp >= self._newest_obs_stamp:
-                if now_ns - arrived < self.timeout_ns:
-                    break  # keep waiting for it
+            waiting = obs is None and alive and stamp >= self._newest_obs_stamp
+            if waiting and now_ns - arrived < self.timeout_ns:
+                break  # keep waiting for it
             self._pending.popleft()
             if obs is None:
                 self.unmatched += 1

@@ -4,9 +4,9 @@ from vlarl.data.errors import ReplayError, ReplayExistsError
 from vlarl.data.replay import (
     FORMAT,
     Replay,
+    ReplayWriter,
     ShardInfo,
     Transitions,
-    ReplayWriter,
     list_shards,
     load_replay,
     read_shard,

@@ -359,16 +359,19 @@ def read_shard(path: str | os.PathLike[str]) -> tuple[Transitions, ShardInfo]:
     try:
         tensors = st_load(payload)
     except Exception as exc:  # safetensors raises its own error type for bad buffers
-        raise ReplayError(f"{where}: not a readable safetensors file, truncated or corrupt "
-                          f"({exc})") from None
+        raise ReplayError(
+            f"{where}: not a readable safetensors file, truncated or corrupt ({exc})"
+        ) from None
     unknown = sorted(set(tensors) - set(COLUMNS))
     absent = sorted(set(COLUMNS) - set(tensors))
     if absent or unknown:
         raise ReplayError(f"{where}: columns missing {absent} / unexpected {unknown}")
     digest = tensor_digest(tensors)
     if digest != meta["sha256"]:
-        raise ReplayError(f"{where}: sha256 mismatch (header {meta['sha256'][:12]}..., "
-                          f"data {digest[:12]}...): the shard was modified or corrupted")
+        raise ReplayError(
+            f"{where}: sha256 mismatch (header {meta['sha256'][:12]}..., "
+            f"data {digest[:12]}...): the shard was modified or corrupted"
+        )
     data = Transitions(**{k: tensors[k] for k in COLUMNS})
     data.validate(where=where)
     tasks = _json_list(meta["tasks"], "tasks", where)

@@ -41,8 +41,9 @@ CHECKPOINT = "bc.safetensors"
 
 @dataclass
 class BCConfig:
-    data: str = arg("", "replay directory of demonstrations (comma-separate several)",
-                    required=True)
+    data: str = arg(
+        "", "replay directory of demonstrations (comma-separate several)", required=True
+    )
     out: str = arg("", "run folder for the checkpoint, config.json and metrics", required=True)
     tasks: str = arg("", "tasks to train on ('mt10', names); empty = every task in the data")
     instructions: bool = arg(True, "condition on the task instruction's sentence embedding")
@@ -72,10 +73,10 @@ def train(cfg: BCConfig) -> dict[str, object]:
     set_seed(cfg.seed)
     run_dir = prepare_run_dir(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT)
     write_config(run_dir, "train-bc", cfg)
-    dataset, replay = load_demonstrations(cfg.data, tasks=cfg.tasks, chunk_length=cfg.chunk_length,
-                                          use_instructions=cfg.instructions)
-    policy = new_policy("bc", dataset, hidden=cfg.hidden, depth=cfg.depth,
-                        obs_kind=replay.obs_kind)
+    dataset, replay = load_demonstrations(
+        cfg.data, tasks=cfg.tasks, chunk_length=cfg.chunk_length, use_instructions=cfg.instructions
+    )
+    policy = new_policy("bc", dataset, hidden=cfg.hidden, depth=cfg.depth, obs_kind=replay.obs_kind)
     assert isinstance(policy, BCPolicy)
     policy.train()
     ema = EMA(policy, cfg.ema)
@@ -83,8 +84,10 @@ def train(cfg: BCConfig) -> dict[str, object]:
     data = dataset.tensors()
     gen = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(run_dir)
-    print(f"bc: {len(dataset)} samples, tasks {list(dataset.tasks)}, "
-          f"{parameter_count(policy) / 1e6:.2f}M parameters")
+    print(
+        f"bc: {len(dataset)} samples, tasks {list(dataset.tasks)}, "
+        f"{parameter_count(policy) / 1e6:.2f}M parameters"
+    )
     running = 0.0
     bar = trange(cfg.train_steps, desc="train-bc", unit="step", mininterval=1.0)
     for step in bar:
@@ -101,12 +104,22 @@ def train(cfg: BCConfig) -> dict[str, object]:
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train_steps:
             bar.set_postfix(loss=f"{running:.4f}")
             log.log(step=step + 1, loss=running, lr=opt.param_groups[0]["lr"])
-    digest = save_checkpoint(run_dir / CHECKPOINT, ema.module, step=cfg.train_steps,
-                             instructions=instructions_of(dataset), config=asdict(cfg),
-                             overwrite=True)
-    summary = {"checkpoint": str(run_dir / CHECKPOINT), "sha256": digest, "final_loss": running,
-               "samples": len(dataset), "tasks": list(dataset.tasks),
-               "parameters": parameter_count(ema.module)}
+    digest = save_checkpoint(
+        run_dir / CHECKPOINT,
+        ema.module,
+        step=cfg.train_steps,
+        instructions=instructions_of(dataset),
+        config=asdict(cfg),
+        overwrite=True,
+    )
+    summary = {
+        "checkpoint": str(run_dir / CHECKPOINT),
+        "sha256": digest,
+        "final_loss": running,
+        "samples": len(dataset),
+        "tasks": list(dataset.tasks),
+        "parameters": parameter_count(ema.module),
+    }
     log.summary(**summary)
     return summary
 

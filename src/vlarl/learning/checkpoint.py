@@ -56,8 +56,10 @@ class Checkpoint:
         if self.spec.instr_dim == 0:
             return None
         if task not in self.instructions:
-            raise CheckpointError(f"{self.path}: model was not trained on task {task!r} "
-                                  f"(it knows {', '.join(self.tasks)})")
+            raise CheckpointError(
+                f"{self.path}: model was not trained on task {task!r} "
+                f"(it knows {', '.join(self.tasks)})"
+            )
         return np.repeat(self.instructions[task][None, :], batch, axis=0)
 
 
@@ -123,12 +125,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     try:
         tensors = st_load(payload)
     except Exception as exc:
-        raise CheckpointError(f"{where}: not a readable safetensors file, truncated or corrupt "
-                              f"({exc})") from None
+        raise CheckpointError(
+            f"{where}: not a readable safetensors file, truncated or corrupt ({exc})"
+        ) from None
     digest = tensor_digest(tensors)
     if digest != meta["sha256"]:
-        raise CheckpointError(f"{where}: sha256 mismatch (header {meta['sha256'][:12]}..., "
-                              f"data {digest[:12]}...): the checkpoint was modified or corrupted")
+        raise CheckpointError(
+            f"{where}: sha256 mismatch (header {meta['sha256'][:12]}..., "
+            f"data {digest[:12]}...): the checkpoint was modified or corrupted"
+        )
     try:
         spec = PolicySpec.from_dict(json.loads(meta["spec"]))
         config = json.loads(meta.get("config", "{}") or "{}")
@@ -143,8 +148,11 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         policy = build_policy(spec)
     except (ValueError, TypeError) as exc:
         raise CheckpointError(f"{where}: cannot build the policy ({exc})") from None
-    state = {k[len(MODEL_PREFIX):]: torch.from_numpy(v.copy()) for k, v in tensors.items()
-             if k.startswith(MODEL_PREFIX)}
+    state = {
+        k[len(MODEL_PREFIX) :]: torch.from_numpy(v.copy())
+        for k, v in tensors.items()
+        if k.startswith(MODEL_PREFIX)
+    }
     try:
         policy.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -5,7 +5,7 @@ action (clipped to [-1, 1]); the executed (noisy) action is what is recorded as 
 clean expert action as ``base_action`` and their difference as ``residual``. Noise levels are
 assigned to episodes round-robin from ``--sigmas``, so a mix such as ``0,0.3,0.5,1.0`` makes the
 data mixed-quality on purpose (FACTS.md: pick-place succeeds 100% at sigma 0, ~40% at sigma 1).
-Episode ``i`` of a task starts from seed ``seed + i`` (see :func:`vlarl.learning.envs.reset_episode`).
+Episode ``i`` of a task starts from seed ``seed + i`` (:func:`vlarl.learning.envs.reset_episode`).
 Episodes stop at success (after ``post_success_steps`` more steps) or at ``max_steps``.
 
 Writes a replay directory (:mod:`vlarl.data.replay`) plus ``config.json`` and ``metrics.json``
@@ -35,8 +35,9 @@ from vlarl.learning.runs import (
 
 @dataclass
 class CollectConfig:
-    out: str = arg("", "replay directory to create (refuses one that already holds shards)",
-                   required=True)
+    out: str = arg(
+        "", "replay directory to create (refuses one that already holds shards)", required=True
+    )
     tasks: str = arg(envs.DEFAULT_TASK, "task name, comma-separated names, or 'mt10'")
     episodes: int = arg(100, "episodes per task")
     sigmas: str = arg("0,0.3,0.5,1.0", "expert noise std per episode, assigned round-robin")
@@ -130,9 +131,17 @@ def collect(cfg: CollectConfig) -> dict[str, object]:
     log = MetricsLog(out)
     stats: dict[str, dict[str, dict[str, float]]] = {}
     total = len(tasks) * cfg.episodes
-    with ReplayWriter(out, source="demo:metaworld-expert", obs_kind="state", tasks=tasks,
-                      shard_rows=cfg.shard_rows, extra={"sigmas": sigmas}) as writer, \
-            tqdm(total=total, desc="collect", unit="ep") as bar:
+    with (
+        ReplayWriter(
+            out,
+            source="demo:metaworld-expert",
+            obs_kind="state",
+            tasks=tasks,
+            shard_rows=cfg.shard_rows,
+            extra={"sigmas": sigmas},
+        ) as writer,
+        tqdm(total=total, desc="collect", unit="ep") as bar,
+    ):
         for task in tasks:
             env = envs.make_env(task)
             expert = envs.expert_for(task)
@@ -141,9 +150,15 @@ def collect(cfg: CollectConfig) -> dict[str, object]:
                 sigma = sigmas[i % len(sigmas)]
                 seed = cfg.seed + i
                 rng = np.random.default_rng([cfg.seed, i, tasks.index(task), 7])
-                data, ok = run_episode(env, expert, seed=seed, sigma=sigma, rng=rng,
-                                       max_steps=cfg.max_steps,
-                                       post_success_steps=cfg.post_success_steps)
+                data, ok = run_episode(
+                    env,
+                    expert,
+                    seed=seed,
+                    sigma=sigma,
+                    rng=rng,
+                    max_steps=cfg.max_steps,
+                    post_success_steps=cfg.post_success_steps,
+                )
                 writer.add_episode(data, task=task, version=version_tag(sigma))
                 per_sigma[sigma].append((ok, len(data)))
                 log.log(task=task, episode=i, seed=seed, sigma=sigma, success=ok, length=len(data))
@@ -158,8 +173,13 @@ def collect(cfg: CollectConfig) -> dict[str, object]:
                 for s, v in per_sigma.items()
             }
     rows = sum(info.rows for info in writer.written)
-    summary = {"tasks": list(tasks), "sigmas": sigmas, "rows": rows,
-               "shards": len(writer.written), "per_task": stats}
+    summary = {
+        "tasks": list(tasks),
+        "sigmas": sigmas,
+        "rows": rows,
+        "shards": len(writer.written),
+        "per_task": stats,
+    }
     log.summary(**summary)
     return summary
 
@@ -172,7 +192,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(CollectConfig, args)
     summary = collect(cfg)
     print(f"wrote {summary['rows']} transitions in {summary['shards']} shard(s) to {cfg.out}")
-    for task, per in summary["per_task"].items():  # type: ignore[union-attr]
+    per_task: dict[str, dict[str, dict[str, float]]] = summary["per_task"]  # type: ignore[assignment]
+    for task, per in per_task.items():
         cells = ", ".join(
             f"sigma {s}: {v['success_rate']:.2f} ({v['mean_length']:.0f} steps)"
             for s, v in per.items()

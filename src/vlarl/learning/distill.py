@@ -51,10 +51,12 @@ CHECKPOINT = "student.safetensors"
 @dataclass
 class DistillConfig:
     teacher: str = arg("", "teacher checkpoint (teacher.safetensors)", required=True)
-    data: str = arg("", "replay directory of the teacher's demonstrations (comma-separate)",
-                    required=True)
-    out: str = arg("", "run folder for the student checkpoint, config.json and metrics",
-                   required=True)
+    data: str = arg(
+        "", "replay directory of the teacher's demonstrations (comma-separate)", required=True
+    )
+    out: str = arg(
+        "", "run folder for the student checkpoint, config.json and metrics", required=True
+    )
     grid: int = arg(0, "ODE grid intervals for consistency (0 = the teacher's K)")
     hidden: int = arg(0, "student hidden width (0 = the teacher's; then it starts from it)")
     depth: int = arg(0, "student hidden layers (0 = the teacher's)")
@@ -121,7 +123,7 @@ def consistency_losses(
         x_next = x_t + (1.0 / grid) * teacher.velocity(x_t, t_n, cond_teacher)
         goal = target.consistency(x_next, t_next, target.condition(obs, instr))
     cd = torch.mean((student.consistency(x_t, t_n, cond) - goal) ** 2)
-    m = int(round(anchor_fraction * b))
+    m = round(anchor_fraction * b)
     if m == 0:
         return cd, torch.zeros(())
     if anchor_targets is not None and noise_scale == 0:
@@ -137,13 +139,15 @@ def consistency_losses(
 
 
 @torch.no_grad()
-def teacher_endpoints(teacher: FlowPolicy, dataset: ChunkDataset, *, steps: int,
-                      batch: int = 4096) -> torch.Tensor:
+def teacher_endpoints(
+    teacher: FlowPolicy, dataset: ChunkDataset, *, steps: int, batch: int = 4096
+) -> torch.Tensor:
     """The teacher's K-step answer from x_0 = 0 for every sample (the deployed start)."""
     data = dataset.tensors()
     out = torch.empty(len(dataset), teacher.flat)
-    for lo in trange(0, len(dataset), batch, desc="teacher endpoints", unit="batch",
-                     mininterval=1.0):
+    for lo in trange(
+        0, len(dataset), batch, desc="teacher endpoints", unit="batch", mininterval=1.0
+    ):
         index = torch.arange(lo, min(lo + batch, len(dataset)))
         obs, _, instr = data.batch(index)
         out[index] = teacher.sample_normalized(teacher.condition(obs, instr), steps=steps)
@@ -164,9 +168,12 @@ def train(cfg: DistillConfig) -> dict[str, object]:
     grid = cfg.grid or teacher.spec.steps
     if not 0 < cfg.anchor_fraction <= 1 and cfg.anchor_weight > 0:
         raise LearningError("--anchor-fraction must be in (0, 1]")
-    dataset, _ = load_demonstrations(cfg.data, tasks=",".join(ckpt.tasks),
-                                     chunk_length=teacher.spec.chunk_length,
-                                     use_instructions=teacher.spec.instr_dim > 0)
+    dataset, _ = load_demonstrations(
+        cfg.data,
+        tasks=",".join(ckpt.tasks),
+        chunk_length=teacher.spec.chunk_length,
+        use_instructions=teacher.spec.instr_dim > 0,
+    )
     if dataset.instructions is not None:  # the teacher's own embeddings, not recomputed ones
         for i, task in enumerate(dataset.tasks):
             dataset.instructions[i] = ckpt.instructions[task]
@@ -181,9 +188,11 @@ def train(cfg: DistillConfig) -> dict[str, object]:
     data = dataset.tensors()
     gen = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(run_dir)
-    print(f"distill: {len(dataset)} samples, grid {grid}, student "
-          f"{parameter_count(student) / 1e6:.2f}M parameters (teacher "
-          f"{parameter_count(teacher) / 1e6:.2f}M)")
+    print(
+        f"distill: {len(dataset)} samples, grid {grid}, student "
+        f"{parameter_count(student) / 1e6:.2f}M parameters (teacher "
+        f"{parameter_count(teacher) / 1e6:.2f}M)"
+    )
     run_cd = run_anchor = 0.0
     bar = trange(cfg.train_steps, desc="distill", unit="step", mininterval=1.0)
     for step in bar:
@@ -192,9 +201,16 @@ def train(cfg: DistillConfig) -> dict[str, object]:
         index = torch.randint(len(dataset), (cfg.batch_size,), generator=gen)
         obs, chunks, instr = data.batch(index)
         cd, anchor = consistency_losses(
-            student, target.module, teacher, obs, chunks, instr, grid=grid,
+            student,
+            target.module,
+            teacher,
+            obs,
+            chunks,
+            instr,
+            grid=grid,
             anchor_fraction=cfg.anchor_fraction if cfg.anchor_weight > 0 else 0.0,
-            noise_scale=cfg.noise_scale, gen=gen,
+            noise_scale=cfg.noise_scale,
+            gen=gen,
             anchor_targets=None if anchors is None else anchors[index],
         )
         loss = cd + cfg.anchor_weight * anchor
@@ -209,14 +225,28 @@ def train(cfg: DistillConfig) -> dict[str, object]:
         run_anchor = 0.98 * run_anchor + 0.02 * a if step else a
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.train_steps:
             bar.set_postfix(cd=f"{run_cd:.5f}", anchor=f"{run_anchor:.5f}")
-            log.log(step=step + 1, consistency=run_cd, anchor=run_anchor,
-                    lr=opt.param_groups[0]["lr"])
-    digest = save_checkpoint(run_dir / CHECKPOINT, ema.module, step=cfg.train_steps,
-                             instructions=ckpt.instructions or None,
-                             config=asdict(cfg), parent=ckpt.sha256, overwrite=True)
-    summary = {"checkpoint": str(run_dir / CHECKPOINT), "sha256": digest, "teacher": ckpt.sha256,
-               "consistency_loss": run_cd, "anchor_loss": run_anchor, "grid": grid,
-               "samples": len(dataset), "parameters": parameter_count(ema.module)}
+            log.log(
+                step=step + 1, consistency=run_cd, anchor=run_anchor, lr=opt.param_groups[0]["lr"]
+            )
+    digest = save_checkpoint(
+        run_dir / CHECKPOINT,
+        ema.module,
+        step=cfg.train_steps,
+        instructions=ckpt.instructions or None,
+        config=asdict(cfg),
+        parent=ckpt.sha256,
+        overwrite=True,
+    )
+    summary = {
+        "checkpoint": str(run_dir / CHECKPOINT),
+        "sha256": digest,
+        "teacher": ckpt.sha256,
+        "consistency_loss": run_cd,
+        "anchor_loss": run_anchor,
+        "grid": grid,
+        "samples": len(dataset),
+        "parameters": parameter_count(ema.module),
+    }
     log.summary(**summary)
     return summary
 
@@ -227,6 +257,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     summary = train(config_from_args(DistillConfig, args))
-    print(f"saved {summary['checkpoint']} (consistency {summary['consistency_loss']:.5f}, "
-          f"anchor {summary['anchor_loss']:.5f})")
+    print(
+        f"saved {summary['checkpoint']} (consistency {summary['consistency_loss']:.5f}, "
+        f"anchor {summary['anchor_loss']:.5f})"
+    )
     return 0

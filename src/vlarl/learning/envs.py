@@ -106,9 +106,10 @@ def expert_for(task: str) -> Any:
     from metaworld.policies import ENV_POLICY_MAP
 
     try:
-        return ENV_POLICY_MAP[task]()
+        policy_cls: Any = ENV_POLICY_MAP[task]
     except KeyError:
         raise LearningError(f"Meta-World has no scripted expert for {task!r}") from None
+    return policy_cls()
 
 
 def expert_action(expert: Any, obs: np.ndarray) -> np.ndarray:

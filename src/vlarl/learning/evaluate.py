@@ -1,12 +1,12 @@
 """``vlarl evaluate``: run a policy for N episodes per task in-process (no ROS) and report success.
 
-Episode ``i`` of every task starts from seed ``seed + i`` (:func:`vlarl.learning.envs.reset_episode`),
-so every model meets the same scenes. Chunks are executed with
-:class:`vlarl.core.chunking.ChunkScheduler`, exactly as the policy node does: the first
-``replan_every`` actions of each chunk are executed, then the model runs again. Episodes are
-stepped in lockstep groups of ``parallel`` so the model runs batched (batching changes speed, not
-actions). An episode succeeds when the simulator's success flag is raised within ``max_steps``.
-Success rates come with a 95% Wilson score interval.
+Episode ``i`` of every task starts from seed ``seed + i``
+(:func:`vlarl.learning.envs.reset_episode`), so every model meets the same scenes. Chunks are
+executed with :class:`vlarl.core.chunking.ChunkScheduler`, exactly as the policy node does:
+the first ``replan_every`` actions of each chunk are executed, then the model runs again.
+Episodes are stepped in lockstep groups of ``parallel`` so the model runs batched (batching
+changes speed, not actions). An episode succeeds when the simulator's success flag is raised
+within ``max_steps``. Success rates come with a 95% Wilson score interval.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ DEFAULT_EVAL_SEED = 1_000_000  # far from the collection seeds (0, 1, 2, ...)
 
 @dataclass
 class EvaluateConfig:
-    policy: str = arg("", "policy to run: a .safetensors checkpoint or an .onnx model",
-                      required=True)
+    policy: str = arg(
+        "", "policy to run: a .safetensors checkpoint or an .onnx model", required=True
+    )
     tasks: str = arg("", "tasks ('mt10', names); empty = every task the model was trained on")
     episodes: int = arg(50, "episodes per task")
     seed: int = arg(DEFAULT_EVAL_SEED, "episode i starts from seed + i")
@@ -85,8 +86,9 @@ def evaluate_task(
 ) -> TaskResult:
     """Run ``episodes`` episodes of ``task``; ``parallel`` at a time in lockstep."""
     if task not in policy.tasks:
-        raise LearningError(f"{policy.name} was not trained on {task!r} "
-                            f"(its tasks: {', '.join(policy.tasks)})")
+        raise LearningError(
+            f"{policy.name} was not trained on {task!r} (its tasks: {', '.join(policy.tasks)})"
+        )
     chunk = policy.chunk_length
     replan = replan_every or chunk
     if not 1 <= replan <= chunk:
@@ -104,8 +106,9 @@ def evaluate_task(
             n = len(ids)
             pool = env_pool[:n]
             scheds = [ChunkScheduler(chunk_length=chunk, replan_every=replan) for _ in ids]
-            obs = np.stack([envs.reset_episode(e, seed + i) for e, i in zip(pool, ids,
-                                                                             strict=True)])
+            obs = np.stack(
+                [envs.reset_episode(e, seed + i) for e, i in zip(pool, ids, strict=True)]
+            )
             alive = np.ones(n, bool)
             instr = None if instr_row is None else np.repeat(instr_row[None], n, axis=0)
             for t in range(max_steps):
@@ -160,18 +163,23 @@ def evaluate(cfg: EvaluateConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Evaluate ``cfg.policy``; returns (and writes) the results document."""
     if cfg.episodes < 1:
         raise LearningError("--episodes must be >= 1")
-    policy = load_acting_policy(cfg.policy, steps=cfg.steps, noise_scale=cfg.noise_scale,
-                                threads=cfg.threads, seed=cfg.seed)
+    policy = load_acting_policy(
+        cfg.policy, steps=cfg.steps, noise_scale=cfg.noise_scale, threads=cfg.threads, seed=cfg.seed
+    )
     tasks = envs.parse_tasks(cfg.tasks) if cfg.tasks else policy.tasks
     results: dict[str, TaskResult] = {}
     t0 = time.perf_counter()
-    with tqdm(total=len(tasks) * cfg.episodes, desc="evaluate", unit="ep",
-              disable=quiet) as bar:
+    with tqdm(total=len(tasks) * cfg.episodes, desc="evaluate", unit="ep", disable=quiet) as bar:
         for task in tasks:
             results[task] = evaluate_task(
-                policy, task, episodes=cfg.episodes, seed=cfg.seed,
-                replan_every=cfg.replan_every, max_steps=cfg.max_steps,
-                parallel=cfg.parallel, progress=bar,
+                policy,
+                task,
+                episodes=cfg.episodes,
+                seed=cfg.seed,
+                replan_every=cfg.replan_every,
+                max_steps=cfg.max_steps,
+                parallel=cfg.parallel,
+                progress=bar,
             )
     total_k = sum(r.successes for r in results.values())
     total_n = sum(r.episodes for r in results.values())
@@ -185,8 +193,13 @@ def evaluate(cfg: EvaluateConfig, *, quiet: bool = False) -> dict[str, Any]:
         "replan_every": cfg.replan_every or policy.chunk_length,
         "chunk_length": policy.chunk_length,
         "success_source": "simulator flag (info['success'])",
-        "overall": {"episodes": total_n, "successes": total_k,
-                    "success_rate": total_k / total_n, "ci_low": low, "ci_high": high},
+        "overall": {
+            "episodes": total_n,
+            "successes": total_k,
+            "success_rate": total_k / total_n,
+            "ci_low": low,
+            "ci_high": high,
+        },
         "tasks": {t: asdict(r) for t, r in results.items()},
         "wall_s": round(time.perf_counter() - t0, 2),
     }
@@ -205,13 +218,17 @@ def default_out(policy_path: Path, tasks: tuple[str, ...]) -> Path:
 def format_results(doc: dict[str, Any]) -> str:
     lines = [f"{doc['model']} (replan every {doc['replan_every']} of {doc['chunk_length']})"]
     for task, r in doc["tasks"].items():
-        lines.append(f"  {task:28s} {r['successes']:3d}/{r['episodes']:<3d} "
-                     f"{100 * r['success_rate']:5.1f}%  95% CI [{100 * r['ci_low']:.1f}, "
-                     f"{100 * r['ci_high']:.1f}]  plan {r['mean_plan_ms']:.2f} ms")
+        lines.append(
+            f"  {task:28s} {r['successes']:3d}/{r['episodes']:<3d} "
+            f"{100 * r['success_rate']:5.1f}%  95% CI [{100 * r['ci_low']:.1f}, "
+            f"{100 * r['ci_high']:.1f}]  plan {r['mean_plan_ms']:.2f} ms"
+        )
     o = doc["overall"]
-    lines.append(f"  {'overall':28s} {o['successes']:3d}/{o['episodes']:<3d} "
-                 f"{100 * o['success_rate']:5.1f}%  95% CI [{100 * o['ci_low']:.1f}, "
-                 f"{100 * o['ci_high']:.1f}]")
+    lines.append(
+        f"  {'overall':28s} {o['successes']:3d}/{o['episodes']:<3d} "
+        f"{100 * o['success_rate']:5.1f}%  95% CI [{100 * o['ci_low']:.1f}, "
+        f"{100 * o['ci_high']:.1f}]"
+    )
     return "\n".join(lines)
 
 

@@ -47,8 +47,9 @@ OPSET = 17
 @dataclass
 class ExportConfig:
     checkpoint: str = arg("", "checkpoint to export (.safetensors)", required=True)
-    out: str = arg("", "ONNX file to write (refuses to overwrite without --overwrite)",
-                   required=True)
+    out: str = arg(
+        "", "ONNX file to write (refuses to overwrite without --overwrite)", required=True
+    )
     model_id: str = arg("", "model id in the metadata (default: <first task>-<kind>)")
     version: int = arg(1, "model version in the metadata (increase with every export)")
     steps: int = arg(0, "teacher only: Euler steps unrolled into the graph (0 = the model's K)")
@@ -118,9 +119,17 @@ def to_onnx_bytes(policy: PolicyBase) -> bytes:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         # The TorchScript exporter: fast, no external data, and these MLPs need nothing newer.
-        torch.onnx.export(wrapper, args, buf, input_names=names,
-                          output_names=[OUTPUT_ACTION_CHUNK], dynamic_axes=axes,
-                          opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        torch.onnx.export(
+            wrapper,
+            args,
+            buf,  # type: ignore[arg-type]
+            input_names=names,
+            output_names=[OUTPUT_ACTION_CHUNK],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     return buf.getvalue()
 
 
@@ -145,7 +154,7 @@ def check_inputs(ckpt: Checkpoint, n: int, seed: int) -> dict[str, np.ndarray]:
     norm = ckpt.policy.normalizer
     mean = norm.obs_mean.numpy()
     std = norm.obs_std.numpy()
-    obs = (mean + std * rng.normal(0, 1.0, (n, mean.size)) * rng.choice([0.5, 1.0, 3.0], (n, 1)))
+    obs = mean + std * rng.normal(0, 1.0, (n, mean.size)) * rng.choice([0.5, 1.0, 3.0], (n, 1))
     feeds = {INPUT_OBS: obs.astype(np.float32)}
     if ckpt.spec.instr_dim > 0:
         rows = np.stack([ckpt.instructions[t] for t in ckpt.tasks])
@@ -178,23 +187,29 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         policy.steps = steps
     elif cfg.steps:
         raise LearningError("--steps applies to teacher checkpoints only")
-    model_id = cfg.model_id or f"{ckpt.tasks[0] if len(ckpt.tasks) == 1 else 'multitask'}-" \
-                               f"{ckpt.spec.kind}"
+    model_id = (
+        cfg.model_id or f"{ckpt.tasks[0] if len(ckpt.tasks) == 1 else 'multitask'}-{ckpt.spec.kind}"
+    )
     meta = metadata_for(ckpt, model_id=model_id, version=cfg.version, steps=steps)
-    doc = (f"vlarl {ckpt.spec.kind} policy exported from {Path(cfg.checkpoint).name} "
-           f"(sha256 {ckpt.sha256[:16]}, step {ckpt.step})")
+    doc = (
+        f"vlarl {ckpt.spec.kind} policy exported from {Path(cfg.checkpoint).name} "
+        f"(sha256 {ckpt.sha256[:16]}, step {ckpt.step})"
+    )
     onnx_bytes = with_metadata(to_onnx_bytes(policy), meta, doc=doc)
 
     feeds = check_inputs(ckpt, cfg.check_samples, cfg.seed)
     with torch.no_grad():
         instr = feeds.get(INPUT_INSTRUCTION)
-        reference = policy(torch.from_numpy(feeds[INPUT_OBS]),
-                           None if instr is None else torch.from_numpy(instr)).numpy()
+        reference = policy(
+            torch.from_numpy(feeds[INPUT_OBS]), None if instr is None else torch.from_numpy(instr)
+        ).numpy()
     got = ort_run(onnx_bytes, feeds)
     max_err = float(np.max(np.abs(got - reference)))
     if not max_err <= cfg.tolerance:
-        raise ExportCheckError(f"ONNX Runtime differs from PyTorch by {max_err:.3e} "
-                               f"(> --tolerance {cfg.tolerance:g}); nothing written")
+        raise ExportCheckError(
+            f"ONNX Runtime differs from PyTorch by {max_err:.3e} "
+            f"(> --tolerance {cfg.tolerance:g}); nothing written"
+        )
     atomic_write_bytes(out, onnx_bytes, overwrite=cfg.overwrite)
     runtime_check = _runtime_check(out)
 
@@ -247,12 +262,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = export(config_from_args(ExportConfig, args))
     meta = result["metadata"]
-    print(f"wrote {result['onnx']} ({result['bytes'] / 1024:.0f} KiB): "
-          f"{meta['vlarl.model_id']}@{meta['vlarl.version']}, kind {meta['vlarl.kind']}, "
-          f"chunk {meta['vlarl.chunk_length']}, instr_dim {meta['vlarl.instr_dim']}")
-    print(f"max |onnxruntime - pytorch| = {result['max_abs_err_vs_pytorch']:.2e} over "
-          f"{result['check_samples']} observations")
+    print(
+        f"wrote {result['onnx']} ({result['bytes'] / 1024:.0f} KiB): "
+        f"{meta['vlarl.model_id']}@{meta['vlarl.version']}, kind {meta['vlarl.kind']}, "
+        f"chunk {meta['vlarl.chunk_length']}, instr_dim {meta['vlarl.instr_dim']}"
+    )
+    print(
+        f"max |onnxruntime - pytorch| = {result['max_abs_err_vs_pytorch']:.2e} over "
+        f"{result['check_samples']} observations"
+    )
     print(f"runtime loader: {result['runtime_loader']}")
     print(result["tensorrt_text"])
     return 0
-

@@ -225,7 +225,9 @@ class FlowPolicy(PolicyBase):
             x = x + dt * self.velocity(x, t, cond)
         return x
 
-    def sample_normalized(self, cond: Tensor, noise: Tensor | None = None, steps: int = 0) -> Tensor:
+    def sample_normalized(
+        self, cond: Tensor, noise: Tensor | None = None, steps: int = 0
+    ) -> Tensor:
         x = torch.zeros(cond.shape[0], self.flat, dtype=cond.dtype, device=cond.device)
         if noise is not None:
             x = noise
@@ -250,7 +252,9 @@ class ConsistencyPolicy(PolicyBase):
     def consistency(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         return x + (1.0 - t)[:, None] * self.field(x, t, cond)
 
-    def sample_normalized(self, cond: Tensor, noise: Tensor | None = None, steps: int = 1) -> Tensor:
+    def sample_normalized(
+        self, cond: Tensor, noise: Tensor | None = None, steps: int = 1
+    ) -> Tensor:
         x = torch.zeros(cond.shape[0], self.flat, dtype=cond.dtype, device=cond.device)
         if noise is not None:
             x = noise

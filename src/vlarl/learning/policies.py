@@ -43,8 +43,9 @@ class ActingPolicy(Protocol):
 class TorchPolicy:
     """A checkpoint acting in PyTorch (CPU); teachers integrate ``steps`` Euler steps."""
 
-    def __init__(self, ckpt: Checkpoint, *, steps: int = 0, noise_scale: float = 0.0,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, ckpt: Checkpoint, *, steps: int = 0, noise_scale: float = 0.0, seed: int = 0
+    ) -> None:
         self.ckpt = ckpt
         self.module = ckpt.policy.eval()
         spec = ckpt.spec
@@ -65,8 +66,9 @@ class TorchPolicy:
     @torch.no_grad()
     def predict_batch(self, obs: np.ndarray, instruction: np.ndarray | None) -> np.ndarray:
         obs_t = torch.as_tensor(np.asarray(obs, np.float32))
-        instr_t = None if instruction is None else torch.as_tensor(
-            np.asarray(instruction, np.float32))
+        instr_t = (
+            None if instruction is None else torch.as_tensor(np.asarray(instruction, np.float32))
+        )
         m = self.module
         if isinstance(m, (FlowPolicy, ConsistencyPolicy)):
             cond = m.condition(obs_t, instr_t)
@@ -98,7 +100,9 @@ class OrtPolicy:
         names = {i.name for i in self.session.get_inputs()}
         want = {INPUT_OBS} | ({INPUT_INSTRUCTION} if self.metadata.instr_dim > 0 else set())
         if names != want:
-            raise ContractError(f"{path}: inputs {sorted(names)}, the contract wants {sorted(want)}")
+            raise ContractError(
+                f"{path}: inputs {sorted(names)}, the contract wants {sorted(want)}"
+            )
         outs = [o.name for o in self.session.get_outputs()]
         if outs != [OUTPUT_ACTION_CHUNK]:
             raise ContractError(f"{path}: outputs {outs}, the contract wants [action_chunk]")
@@ -116,14 +120,10 @@ class OnnxActingPolicy:
     def __init__(self, path: Path, *, threads: int = 1, prefer_runtime: bool = True) -> None:
         runner: Any = None
         self.backend = "onnxruntime"
-        if prefer_runtime:
-            try:
-                from vlarl.core.onnx_policy import OnnxPolicy  # the policy node's loader
-            except ImportError:
-                OnnxPolicy = None  # noqa: N806
-            if OnnxPolicy is not None:
-                runner = OnnxPolicy.load(str(path), providers="cpu", intra_op_threads=threads)
-                self.backend = "vlarl.core.onnx_policy"
+        loader = _runtime_loader() if prefer_runtime else None
+        if loader is not None:
+            runner = loader.load(str(path), providers="cpu", intra_op_threads=threads)
+            self.backend = "vlarl.core.onnx_policy"
         if runner is None:
             runner = OrtPolicy(path, threads=threads)
         self.runner = runner
@@ -145,6 +145,15 @@ class OnnxActingPolicy:
 
     def predict_batch(self, obs: np.ndarray, instruction: np.ndarray | None) -> np.ndarray:
         return np.asarray(self.runner.predict_batch(np.asarray(obs, np.float32), instruction))
+
+
+def _runtime_loader() -> Any:
+    """The policy node's loader class, or None where it is not installed."""
+    try:
+        from vlarl.core.onnx_policy import OnnxPolicy
+    except ImportError:
+        return None
+    return OnnxPolicy
 
 
 def load_acting_policy(

@@ -9,6 +9,7 @@ and ``metrics.json`` (the final summary) next to the run's checkpoint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -48,21 +49,34 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> Non
         typ = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else None
         if typ is bool:
-            parser.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=help_text)
+            parser.add_argument(
+                *names,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=help_text,
+            )
             continue
         if typing.get_origin(typ) in (typing.Union, types.UnionType):
             typ = next(a for a in typing.get_args(typ) if a is not type(None))
         conv = typ if typ in (int, float, str) else str
         required = bool(f.metadata.get("required"))
         suffix = "" if required else f" (default: {default})"
-        parser.add_argument(*names, dest=f.name, type=conv, default=default,
-                            required=required, help=help_text + suffix)
+        parser.add_argument(
+            *names,
+            dest=f.name,
+            type=conv,
+            default=default,
+            required=required,
+            help=help_text + suffix,
+        )
 
 
-def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+def config_from_args(cls: Any, args: argparse.Namespace) -> Any:
     """Build the config dataclass from parsed arguments (unknown attributes are ignored)."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
+    }
     return cls(**values)
 
 
@@ -79,10 +93,8 @@ def set_threads(threads: int) -> None:
     import torch
 
     torch.set_num_threads(max(1, threads))
-    try:
+    with contextlib.suppress(RuntimeError):  # already set in this process
         torch.set_num_interop_threads(1)
-    except RuntimeError:  # already set in this process
-        pass
 
 
 def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool, marker: str) -> Path:

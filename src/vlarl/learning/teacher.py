@@ -44,8 +44,9 @@ CHECKPOINT = "teacher.safetensors"
 
 @dataclass
 class TeacherConfig:
-    data: str = arg("", "replay directory of demonstrations (comma-separate several)",
-                    required=True)
+    data: str = arg(
+        "", "replay directory of demonstrations (comma-separate several)", required=True
+    )
     out: str = arg("", "run folder for the checkpoint, config.json and metrics", required=True)
     tasks: str = arg("", "tasks to train on ('mt10', names); empty = every task in the data")
     instructions: bool = arg(True, "condition on the task instruction's sentence embedding")
@@ -96,10 +97,17 @@ def train(cfg: TeacherConfig) -> dict[str, object]:
     set_seed(cfg.seed)
     run_dir = prepare_run_dir(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT)
     write_config(run_dir, "train-teacher", cfg)
-    dataset, replay = load_demonstrations(cfg.data, tasks=cfg.tasks, chunk_length=cfg.chunk_length,
-                                          use_instructions=cfg.instructions)
-    policy = new_policy("teacher", dataset, hidden=cfg.hidden, depth=cfg.depth,
-                        obs_kind=replay.obs_kind, steps=cfg.steps)
+    dataset, replay = load_demonstrations(
+        cfg.data, tasks=cfg.tasks, chunk_length=cfg.chunk_length, use_instructions=cfg.instructions
+    )
+    policy = new_policy(
+        "teacher",
+        dataset,
+        hidden=cfg.hidden,
+        depth=cfg.depth,
+        obs_kind=replay.obs_kind,
+        steps=cfg.steps,
+    )
     assert isinstance(policy, FlowPolicy)
     policy.train()
     ema = EMA(policy, cfg.ema)
@@ -107,8 +115,10 @@ def train(cfg: TeacherConfig) -> dict[str, object]:
     data = dataset.tensors()
     gen = torch.Generator().manual_seed(cfg.seed)
     log = MetricsLog(run_dir)
-    print(f"teacher: {len(dataset)} samples, tasks {list(dataset.tasks)}, "
-          f"{parameter_count(policy) / 1e6:.2f}M parameters")
+    print(
+        f"teacher: {len(dataset)} samples, tasks {list(dataset.tasks)}, "
+        f"{parameter_count(policy) / 1e6:.2f}M parameters"
+    )
     running = 0.0
     bar = trange(cfg.train_steps, desc="train-teacher", unit="step", mininterval=1.0)
     for step in bar:
@@ -116,8 +126,9 @@ def train(cfg: TeacherConfig) -> dict[str, object]:
             group["lr"] = cosine_lr(step, total=cfg.train_steps, base=cfg.lr)
         index = torch.randint(len(dataset), (cfg.batch_size,), generator=gen)
         obs, chunks, instr = data.batch(index)
-        loss = flow_matching_loss(policy, obs, chunks, instr, time_sampling=cfg.time_sampling,
-                                  gen=gen)
+        loss = flow_matching_loss(
+            policy, obs, chunks, instr, time_sampling=cfg.time_sampling, gen=gen
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
@@ -128,12 +139,22 @@ def train(cfg: TeacherConfig) -> dict[str, object]:
             bar.set_postfix(loss=f"{running:.4f}")
             log.log(step=step + 1, loss=running, lr=opt.param_groups[0]["lr"])
     final = ema.module
-    digest = save_checkpoint(run_dir / CHECKPOINT, final, step=cfg.train_steps,
-                             instructions=instructions_of(dataset), config=asdict(cfg),
-                             overwrite=True)
-    summary = {"checkpoint": str(run_dir / CHECKPOINT), "sha256": digest, "final_loss": running,
-               "samples": len(dataset), "tasks": list(dataset.tasks),
-               "parameters": parameter_count(final)}
+    digest = save_checkpoint(
+        run_dir / CHECKPOINT,
+        final,
+        step=cfg.train_steps,
+        instructions=instructions_of(dataset),
+        config=asdict(cfg),
+        overwrite=True,
+    )
+    summary = {
+        "checkpoint": str(run_dir / CHECKPOINT),
+        "sha256": digest,
+        "final_loss": running,
+        "samples": len(dataset),
+        "tasks": list(dataset.tasks),
+        "parameters": parameter_count(final),
+    }
     log.summary(**summary)
     return summary
 
@@ -146,4 +167,3 @@ def run(args: argparse.Namespace) -> int:
     summary = train(config_from_args(TeacherConfig, args))
     print(f"saved {summary['checkpoint']} (final loss {summary['final_loss']:.4f})")
     return 0
-

@@ -31,8 +31,13 @@ class EngineReport:
     def describe(self) -> str:
         if not self.built:
             return f"TensorRT skipped: {self.reason}"
-        check = (f", max |engine - onnxruntime| = {self.max_abs_err_vs_ort:.2e}"
-                 if self.checked else f" (not run: {self.reason})" if self.reason else "")
+        check = (
+            f", max |engine - onnxruntime| = {self.max_abs_err_vs_ort:.2e}"
+            if self.checked
+            else f" (not run: {self.reason})"
+            if self.reason
+            else ""
+        )
         return f"TensorRT fp16 engine {self.engine} built in {self.build_s:.1f} s{check}"
 
 

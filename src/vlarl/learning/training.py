@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +18,8 @@ from vlarl.learning.dataset import ChunkDataset, build_chunks
 from vlarl.learning.errors import LearningError
 from vlarl.learning.instructions import task_embeddings
 from vlarl.learning.networks import PolicyBase, PolicySpec, build_policy
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def load_demonstrations(
@@ -88,12 +91,12 @@ def instructions_of(dataset: ChunkDataset) -> dict[str, np.ndarray] | None:
     return {t: dataset.instructions[i] for i, t in enumerate(dataset.tasks)}
 
 
-class EMA:
+class EMA(Generic[M]):
     """Exponential moving average of a module's weights (the copy is what gets saved)."""
 
-    def __init__(self, module: nn.Module, decay: float) -> None:
+    def __init__(self, module: M, decay: float) -> None:
         self.decay = decay
-        self.module = copy.deepcopy(module).eval()
+        self.module: M = copy.deepcopy(module).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
 
@@ -114,7 +117,8 @@ def cosine_lr(step: int, *, total: int, base: float, warmup: int = 200) -> float
 
 
 def make_optimizer(module: nn.Module, *, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue

@@ -17,6 +17,7 @@ with a throttled warning; nothing malformed reaches the observation topic.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -82,7 +83,8 @@ def _params() -> list[Any]:
         Param(
             "check_camera",
             True,
-            "image source: drop frames whose frame_id is not the camera the encoder was trained on",
+            "image source: drop frames whose frame_id (camera) or size differ from those the "
+            "encoder was trained on",
         ),
         Param(
             "intra_op_threads", 1, "ONNX Runtime intra-op threads", low=1, high=64, read_only=True
@@ -99,6 +101,8 @@ def _params() -> list[Any]:
 
 
 def _build_node_class() -> type:
+    from rclpy.clock import Clock as RosClock
+    from rclpy.clock import ClockType
     from rclpy.node import Node
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import Image, JointState
@@ -137,7 +141,9 @@ def _build_node_class() -> type:
                     self.create_subscription(JointState, JOINT_STATES, self._on_joint_proprio, qos)
                 self.create_subscription(Image, CAMERA_IMAGE, self._on_image, QoSProfile(depth=2))
             self._report_mono = time.monotonic()
-            self.create_timer(_REPORT_PERIOD_S, self._report)
+            self.create_timer(
+                _REPORT_PERIOD_S, self._report, clock=RosClock(clock_type=ClockType.STEADY_TIME)
+            )
             detail = (
                 f", encoder {self._encoder.metadata.tag} ({self._encoder.feature_dim} features, "
                 f"camera {self._encoder.metadata.camera or 'any'}), proprio {self._p['proprio']}"
@@ -225,6 +231,7 @@ def _build_node_class() -> type:
             if vec is None:
                 return
             done = self._pairer.add_proprio(stamp_to_ns(msg.header.stamp), vec)
+            self.counters["unpaired"] = self._pairer.unpaired
             if done is not None:
                 _, (frame, stamp), proprio = done
                 self._encode_and_publish(frame, stamp, proprio)
@@ -243,14 +250,26 @@ def _build_node_class() -> type:
             except PreprocessError as exc:
                 self._drop("image", str(exc))
                 return
-            camera = encoder.metadata.camera
-            if self._p["check_camera"] and camera and msg.header.frame_id != camera:
-                self._drop(
-                    "image",
-                    f"camera {msg.header.frame_id!r} is not the encoder's "
-                    f"{camera!r} (set check_camera false to accept it)",
-                )
-                return
+            meta = encoder.metadata
+            if self._p["check_camera"]:
+                if meta.camera and msg.header.frame_id != meta.camera:
+                    self._drop(
+                        "image",
+                        f"camera {msg.header.frame_id!r} is not the encoder's {meta.camera!r} "
+                        "(set check_camera false to accept it)",
+                    )
+                    return
+                if meta.frame_height and (msg.height, msg.width) != (
+                    meta.frame_height,
+                    meta.frame_width,
+                ):
+                    self._drop(
+                        "image",
+                        f"frame size {msg.width}x{msg.height} is not the encoder's "
+                        f"{meta.frame_width}x{meta.frame_height} (set check_camera false to "
+                        "accept it)",
+                    )
+                    return
             if self._proprio == "none":
                 self._encode_and_publish(frame, msg.header.stamp, np.zeros(0, np.float32))
                 return
@@ -259,10 +278,10 @@ def _build_node_class() -> type:
                 stamp_to_ns(msg.header.stamp), (np.array(frame), msg.header.stamp)
             )
             self.counters["superseded"] = self._pairer.superseded
+            self.counters["unpaired"] = self._pairer.unpaired
             if paired is None:
                 return
             if isinstance(paired, bool):
-                self.counters["unpaired"] += 1
                 self.get_logger().warning(
                     f"no proprioception for a frame ({self.counters['unpaired']} so far)",
                     throttle_duration_sec=_WARN_THROTTLE_S,
@@ -314,6 +333,9 @@ def main(args: list[str] | None = None) -> None:
         spin(executor)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except (ValueError, RuntimeError) as exc:  # bad parameters, model or task: say why, exit 1
+        print(f"perception: cannot run: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         if executor is not None:
             executor.shutdown()

@@ -46,9 +46,11 @@ from vlarl.ros.params import Param, declare  # noqa: E402
 from vlarl.topics import OBSERVATION, POLICY_ACTION, POLICY_STATUS, ROBOT_STATUS  # noqa: E402
 
 DEFAULT_MODEL = "models/pick-place-v3-student.onnx"
-# Reliable, deep enough to bridge a few hundred ms of stall at 200 Hz without losing a tick.
+EXECUTORS = ("multi_threaded", "single_threaded")
+# Reliable and deep enough to bridge half a second of stall at 200 Hz without losing a tick
+# (stale answers are harmless: safety judges them by their stamp).
 OBS_QOS = QoSProfile(
-    history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE
+    history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE
 )
 ACTION_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE
@@ -83,6 +85,14 @@ PARAMS: tuple[Param, ...] = (
         "(episode boundaries from robot/status)",
     ),
     Param("status_rate_hz", 1.0, "rate of the JSON status message", low=0.1, high=50.0),
+    Param(
+        "executor",
+        "multi_threaded",
+        "multi_threaded: model loads run beside the control ticks (about twice the CPU per "
+        "tick); single_threaded: cheaper, but a load delays the ticks queued meanwhile",
+        choices=EXECUTORS,
+        read_only=True,
+    ),
 )
 # Parameters whose change builds a new runtime (and, for the first three, reloads the file).
 _RELOAD = ("model", "providers", "intra_op_threads")
@@ -183,6 +193,7 @@ class PolicyNode(Node):
         self._config = declare(self, PARAMS, self._on_change)
         self._config = dict(self._config)
         self._reset_on_episode = bool(self._config["reset_on_episode"])
+        self.executor_kind = str(self._config["executor"])
         try:
             self._staged = build_runtime(self._config)
         except (ContractError, ValueError) as exc:
@@ -288,9 +299,11 @@ class PolicyNode(Node):
     # ------------------------------------------------------------------ parameters
     def _on_change(self, changes: dict[str, Any]) -> str | None:
         """Validate a parameter change; load a new model here, off the control thread."""
-        if any(k in changes for k in _RUNTIME):
+        if self._staged is None and "model" not in changes:
+            pass  # no model to check against: stored, validated with the next model load
+        elif any(k in changes for k in _RUNTIME):
             config = {**self._config, **changes}
-            reload = any(k in changes for k in _RELOAD) or self._staged is None
+            reload = any(k in changes for k in _RELOAD)
             try:
                 rt = build_runtime(config, current=self._staged, reload=reload)
             except (ContractError, ValueError) as exc:
@@ -342,15 +355,26 @@ class PolicyNode(Node):
 def main(args: list[str] | None = None) -> int:
     ensure_local_discovery()
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+    from rclpy.executors import (
+        Executor,
+        ExternalShutdownException,
+        MultiThreadedExecutor,
+        SingleThreadedExecutor,
+    )
 
     rclpy.init(args=args)
     node: PolicyNode | None = None
     try:
         node = PolicyNode()
-        # Two threads: the control group and the default group (parameter services, status),
-        # so a model load in a set-parameters call does not block control ticks.
-        executor = MultiThreadedExecutor(num_threads=2)
+        executor: Executor
+        if node.executor_kind == "single_threaded":
+            executor = SingleThreadedExecutor()
+        else:
+            # Two threads: the control group and the default group (parameter services,
+            # status), so a model load in a set-parameters call does not block control ticks.
+            # (rclpy's EventsExecutor would be cheaper, but in these Kilted wheels it delivers
+            # no callbacks at all and holds the GIL while spinning.)
+            executor = MultiThreadedExecutor(num_threads=2)
         executor.add_node(node)
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):

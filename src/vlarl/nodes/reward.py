@@ -37,7 +37,7 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any, cast  # noqa: E402
 
 import numpy as np  # noqa: E402
 from rclpy.clock import Clock, ClockType  # noqa: E402
@@ -304,7 +304,7 @@ class RewardNode(Node):
 
     def _drain(self) -> None:
         for item, obs in self._join.ready(time.monotonic_ns()):
-            sample, stamp_ns, msg = item  # type: ignore[misc]
+            sample, stamp_ns, msg = cast(tuple[StatusSample, int, JointState], item)
             self._account(sample, stamp_ns, msg, obs)
 
     def _account(
@@ -321,9 +321,7 @@ class RewardNode(Node):
                     )
                 obs = None
         self._last_status_ns = stamp_ns
-        out, finished = self.accountant.update(
-            sample, task=self._task, stamp_ns=stamp_ns, obs=obs
-        )
+        out, finished = self.accountant.update(sample, task=self._task, stamp_ns=stamp_ns, obs=obs)
         if out is not None:
             reward = self._reward
             reward.header.stamp = msg.header.stamp
@@ -346,13 +344,17 @@ class RewardNode(Node):
                 episode = self.accountant.label(success)
                 applied = True
                 self._label_since = time.monotonic()
-                message = (f"episode {episode} ends as a {'success' if success else 'failure'} "
-                           "at its next sample")
+                message = (
+                    f"episode {episode} ends as a {'success' if success else 'failure'} "
+                    "at its next sample"
+                )
             except LabelRefused as exc:
                 message = str(exc)
         else:
-            message = (f"label recorded; success_source is {source!r}, so it does not end the "
-                       "episode (set success_source to 'human' for that)")
+            message = (
+                f"label recorded; success_source is {source!r}, so it does not end the "
+                "episode (set success_source to 'human' for that)"
+            )
         self.labels += 1
         record = {
             "stamp": self._last_status_ns,

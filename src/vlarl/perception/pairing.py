@@ -26,6 +26,7 @@ class StampPairer(Generic[T]):
         self._values: deque[np.ndarray] = deque(maxlen=history)
         self._waiting: tuple[int, T] | None = None
         self.superseded = 0  # waiting frames replaced by a newer frame before pairing
+        self.unpaired = 0  # frames with no proprioception sample within the skew
 
     def add_proprio(self, stamp_ns: int, values: np.ndarray) -> tuple[int, T, np.ndarray] | None:
         """Record a proprioception sample; returns a waiting frame it completes, if any."""
@@ -42,6 +43,7 @@ class StampPairer(Generic[T]):
             match = self.lookup(frame_stamp)
             if match is not None:
                 return frame_stamp, frame, match
+            self.unpaired += 1
         return None
 
     def lookup(self, stamp_ns: int) -> np.ndarray | None:
@@ -68,7 +70,10 @@ class StampPairer(Generic[T]):
             self._waiting = (stamp_ns, frame)
             return None
         match = self.lookup(stamp_ns)
-        return False if match is None else match
+        if match is None:
+            self.unpaired += 1
+            return False
+        return match
 
     def clear(self) -> None:
         self._stamps.clear()

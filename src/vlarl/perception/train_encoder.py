@@ -45,9 +45,9 @@ class CollectConfig:
 
     tasks: tuple[str, ...] = DEFAULT_TASKS  # Meta-World tasks to roll out
     frames_per_task: int = 1000  # frames rendered per task
-    every: int = 3  # render every n-th step of an episode
+    every: int = 8  # render every n-th step of an episode (few frames, many layouts)
     max_steps: int = 200  # episode cap (experts finish in ~50-100 steps)
-    episodes_per_seed: int = 4  # a new robot seed (a new set of layouts) after this many
+    episodes_per_seed: int = 10  # a new robot seed (a new set of 50 layouts) after this many
     seed: int = 1234  # first robot seed and noise seed
     camera: CameraConfig = field(default_factory=CameraConfig)  # camera and frame size
 

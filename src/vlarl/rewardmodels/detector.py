@@ -8,8 +8,8 @@ At run time (:class:`SuccessDetector`) the window slides one observation per con
 detector **fires** once ``debounce`` consecutive windows score at least ``threshold`` and stays
 fired until :meth:`SuccessDetector.reset` (a new episode). The threshold is chosen on held-out
 validation episodes at training time (fewest false successes in failed episodes first, then
-fewest missed successes) and stored in the model's metadata with the debounce; both can be
-overridden at load time.
+fewest missed successes; a multi-task model also gets one per task) and stored in the model's
+metadata with the debounce; both can be overridden at load time.
 
 The reward node uses :meth:`SuccessDetector.push` per observation; the learner calls
 :meth:`SuccessDetector.probabilities` / :meth:`SuccessDetector.fire_mask` on whole episodes
@@ -111,9 +111,13 @@ class SuccessDetector:
             raise RewardModelError(f"{meta.tag} is a {meta.kind} model, not a success detector")
         self.model = model
         self.metadata = meta
-        self.threshold = check_threshold(
-            meta.params.get("threshold", 0.5) if threshold is None else threshold
-        )
+        self._override = None if threshold is None else check_threshold(threshold)
+        self._default_threshold = check_threshold(meta.params.get("threshold", 0.5))
+        per_task = meta.params.get("task_thresholds", {})
+        if not isinstance(per_task, dict):
+            raise RewardModelError("vlarl.params task_thresholds must be a JSON object")
+        self._task_thresholds = {str(t): check_threshold(v) for t, v in per_task.items()}
+        self.threshold = self.threshold_for(meta.tasks[0])
         self.debounce = check_debounce(
             int(meta.params.get("debounce", 2)) if debounce is None else debounce
         )
@@ -158,12 +162,20 @@ class SuccessDetector:
     def path(self) -> Path:
         return self.model.path
 
+    def threshold_for(self, task: str) -> float:
+        """The firing threshold for ``task``: the load-time override, else the task's own
+        (multi-task models calibrate one per task), else the model's."""
+        if self._override is not None:
+            return self._override
+        return self._task_thresholds.get(task, self._default_threshold)
+
     def select_task(self, task: str) -> None:
         """Condition on ``task`` (multi-task models); refuses a task the model does not know."""
         row = self.model.instruction_row(task)
         if self.metadata.instr_dim > 0:
             self._instr[...] = row
         self.task = task
+        self.threshold = self.threshold_for(task)
 
     def reset(self) -> None:
         """A new episode: empty the window, clear the debounce and the fired latch."""
@@ -213,17 +225,24 @@ class SuccessDetector:
         probs = self.model.run(windows, instr)
         return np.where(np.isfinite(probs), probs, 0.0).astype(np.float32)
 
-    def fire_mask(self, probs: np.ndarray) -> np.ndarray:
-        return fire_mask(probs, threshold=self.threshold, debounce=self.debounce)
+    def fire_mask(self, probs: np.ndarray, *, task: str | None = None) -> np.ndarray:
+        """Fired (latched) per window of one episode of ``task`` (default: the selected one)."""
+        thr = self.threshold_for(task) if task is not None else self.threshold
+        return fire_mask(probs, threshold=thr, debounce=self.debounce)
 
     def detect(self, obs: np.ndarray, *, task: str) -> int | None:
         """Index k of the observation at which the detector fires over a whole episode."""
-        return first_fire(self.probabilities(obs, task=task), threshold=self.threshold,
-                          debounce=self.debounce)
+        return first_fire(
+            self.probabilities(obs, task=task),
+            threshold=self.threshold_for(task),
+            debounce=self.debounce,
+        )
 
     def __repr__(self) -> str:
-        return (f"SuccessDetector({self.tag}, threshold={self.threshold:g}, "
-                f"debounce={self.debounce}, window={self.metadata.window})")
+        return (
+            f"SuccessDetector({self.tag}, threshold={self.threshold:g}, "
+            f"debounce={self.debounce}, window={self.metadata.window})"
+        )
 
 
 # ---------------------------------------------------------------------- training
@@ -231,18 +250,18 @@ class SuccessDetector:
 class DetectorConfig:
     """Training settings of the success detector."""
 
-    window: int = 4  # observations per window
+    window: int = 2  # observations per window
     pre_steps: int = DEFAULT_PRE_STEPS  # positives start this many steps before success
-    debounce: int = 2  # consecutive positive windows before firing
+    debounce: int = 3  # consecutive positive windows before firing
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
     points: str = "auto"  # 3-d points for geometric features: auto (Meta-World), none, a,b,..
-    steps: int = 4000  # optimizer steps
+    steps: int = 3000  # optimizer steps
     batch: int = 512  # windows per step
     lr: float = 1e-3  # peak learning rate (cosine schedule)
     weight_decay: float = 1e-4  # AdamW weight decay
     pos_weight: float = 0.0  # loss weight of positives (0: sqrt(negatives / positives))
-    failed_weight: float = 2.0  # loss weight of windows of failed episodes (near-misses)
+    failed_weight: float = 6.0  # loss weight of windows of failed episodes (near-misses)
     val_fraction: float = 0.15  # episodes held out to choose the threshold and the best weights
     eval_every: int = 250  # steps between validation passes
     max_steps: int = DEFAULT_MAX_STEPS  # cap of episode length (labels only)
@@ -260,6 +279,7 @@ class TrainedDetector:
     instructions: dict[str, np.ndarray]
     threshold: float
     report: dict[str, Any] = field(default_factory=dict)
+    task_thresholds: dict[str, float] = field(default_factory=dict)
     val_windows: np.ndarray | None = None  # for the export check
     val_instructions: np.ndarray | None = None
 
@@ -282,8 +302,9 @@ def calibrate_threshold(
     ``pre_steps + early_slack`` steps before the true success, missing a success. Among equally
     good thresholds the middle of the best range is taken (the most margin either way).
     """
-    grid = np.round(np.concatenate([np.arange(0.05, 0.95, 0.025), np.arange(0.95, 0.996, 0.005)]),
-                    4)
+    grid = np.round(
+        np.concatenate([np.arange(0.05, 0.95, 0.025), np.arange(0.95, 0.996, 0.005)]), 4
+    )
     scores = []
     for thr in grid:
         false_fail = missed = early = 0
@@ -332,8 +353,10 @@ def train_detector(
         raise RewardModelError("window, steps and batch must be >= 1")
     check_debounce(cfg.debounce)
     if cfg.pre_steps + 1 < cfg.debounce:
-        log(f"note: pre_steps={cfg.pre_steps} < debounce-1: the detector cannot fire by the "
-            "success step itself")
+        log(
+            f"note: pre_steps={cfg.pre_steps} < debounce-1: the detector cannot fire by the "
+            "success step itself"
+        )
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, cfg.threads))
     tasks = tuple(dict.fromkeys(e.task for e in episodes))
@@ -352,10 +375,12 @@ def train_detector(
     train_eps, val_eps = split_episodes(episodes, fraction=cfg.val_fraction, seed=cfg.seed)
     if not val_eps:
         val_eps = train_eps
-    tr = build_windows(train_eps, window=cfg.window, pre_steps=cfg.pre_steps,
-                       max_steps=cfg.max_steps, tasks=tasks)
-    va = build_windows(val_eps, window=cfg.window, pre_steps=cfg.pre_steps,
-                       max_steps=cfg.max_steps, tasks=tasks)
+    tr = build_windows(
+        train_eps, window=cfg.window, pre_steps=cfg.pre_steps, max_steps=cfg.max_steps, tasks=tasks
+    )
+    va = build_windows(
+        val_eps, window=cfg.window, pre_steps=cfg.pre_steps, max_steps=cfg.max_steps, tasks=tasks
+    )
     n_pos = int(tr.label.sum())
     n_neg = len(tr) - n_pos
     if n_pos == 0 or n_neg == 0:
@@ -363,16 +388,23 @@ def train_detector(
     pos_w = cfg.pos_weight or float(np.sqrt(n_neg / n_pos))
     failed = np.array([not train_eps[i].succeeded for i in tr.episode], bool)
     weight = np.where(tr.label > 0, pos_w, np.where(failed, cfg.failed_weight, 1.0))
-    log(f"detector: {len(train_eps)} train / {len(val_eps)} val episodes, {len(tr)} windows "
-        f"({n_pos} positive, pos_weight {pos_w:.2f}), tasks {', '.join(tasks)}")
+    log(
+        f"detector: {len(train_eps)} train / {len(val_eps)} val episodes, {len(tr)} windows "
+        f"({n_pos} positive, pos_weight {pos_w:.2f}), tasks {', '.join(tasks)}"
+    )
 
     try:
         points = parse_points(cfg.points, tr.obs.shape[1])
     except ValueError as exc:
         raise RewardModelError(str(exc)) from None
-    net = WindowNet(obs_dim=tr.obs.shape[1], window=cfg.window,
-                    instr_dim=0 if table is None else table.shape[1], hidden=cfg.hidden,
-                    depth=cfg.depth, points=points)
+    net = WindowNet(
+        obs_dim=tr.obs.shape[1],
+        window=cfg.window,
+        instr_dim=0 if table is None else table.shape[1],
+        hidden=cfg.hidden,
+        depth=cfg.depth,
+        points=points,
+    )
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(tr), size=min(len(tr), 20000), replace=False)
     net.fit_normalization(tr.obs, tr.windows(sample))
@@ -387,7 +419,7 @@ def train_detector(
         y = va.label.astype(np.float64)
         return float(np.sum(va_w * -(y * np.log(p) + (1 - y) * np.log(1 - p))) / va_w.sum())
 
-    best = (math.inf, None, 0)
+    best: tuple[float, dict[str, Any] | None, int] = (math.inf, None, 0)
     t0 = time.perf_counter()
     bce = torch.nn.BCEWithLogitsLoss(reduction="none")
     for step in range(cfg.steps):
@@ -407,16 +439,37 @@ def train_detector(
             vl = val_loss()
             if vl < best[0]:
                 best = (vl, {k: v.detach().clone() for k, v in net.state_dict().items()}, step + 1)
-            log(f"  step {step + 1}: train loss {loss.item():.4f}, val loss {vl:.4f} "
-                f"({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"  step {step + 1}: train loss {loss.item():.4f}, val loss {vl:.4f} "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     if best[1] is not None:
         net.load_state_dict(best[1])
     head.eval()
     probs = predict(head, va_windows, va_instr)
     seqs = [probs[va.episode == i] for i in range(len(val_eps))]
-    threshold, calib = calibrate_threshold(seqs, val_eps, debounce=cfg.debounce,
-                                           pre_steps=cfg.pre_steps)
-    pred = probs >= threshold
+    threshold, calib = calibrate_threshold(
+        seqs, val_eps, debounce=cfg.debounce, pre_steps=cfg.pre_steps
+    )
+    task_thresholds: dict[str, float] = {}
+    if len(tasks) > 1:  # one threshold per task, on that task's validation episodes
+        for task in tasks:
+            idx = [i for i, e in enumerate(val_eps) if e.task == task]
+            if any(val_eps[i].succeeded for i in idx):
+                thr, detail = calibrate_threshold(
+                    [seqs[i] for i in idx],
+                    [val_eps[i] for i in idx],
+                    debounce=cfg.debounce,
+                    pre_steps=cfg.pre_steps,
+                )
+                task_thresholds[task] = thr
+                calib.setdefault("per_task", {})[task] = detail
+        log(
+            "detector: per-task thresholds "
+            + ", ".join(f"{t} {v:g}" for t, v in task_thresholds.items())
+        )
+    thr_rows = np.array([task_thresholds.get(t, threshold) for t in tasks])[va.task]
+    pred = probs >= thr_rows
     report = {
         "train_episodes": len(train_eps),
         "val_episodes": len(val_eps),
@@ -430,12 +483,22 @@ def train_detector(
         "seconds": round(time.perf_counter() - t0, 1),
         "config": dataclasses.asdict(cfg),
     }
-    log(f"detector: threshold {threshold:g} (val errors {calib['val_errors']}: "
+    log(
+        f"detector: threshold {threshold:g} (val errors {calib['val_errors']}: "
         f"{calib['val_false_success_in_failed']} false in failed, {calib['val_early']} early, "
-        f"{calib['val_missed']} missed of {len(val_eps)} episodes)")
-    return TrainedDetector(head=head, config=cfg, tasks=tasks, instructions=instr_map,
-                           threshold=threshold, report=report, val_windows=va_windows,
-                           val_instructions=va_instr)
+        f"{calib['val_missed']} missed of {len(val_eps)} episodes)"
+    )
+    return TrainedDetector(
+        head=head,
+        config=cfg,
+        tasks=tasks,
+        instructions=instr_map,
+        threshold=threshold,
+        report=report,
+        task_thresholds=task_thresholds,
+        val_windows=va_windows,
+        val_instructions=va_instr,
+    )
 
 
 def export_detector(
@@ -471,10 +534,17 @@ def export_detector(
         instr_dim=net.instr_dim,
         tasks=trained.tasks,
         instructions={t: tuple(float(x) for x in v) for t, v in trained.instructions.items()},
-        params={"threshold": trained.threshold, "debounce": trained.config.debounce,
-                "pre_steps": trained.config.pre_steps, "label_rule": LABEL_RULE},
-        training={**(training_info or {}), **{k: v for k, v in trained.report.items()
-                                              if k != "config"}},
+        params={
+            "threshold": trained.threshold,
+            "task_thresholds": trained.task_thresholds,
+            "debounce": trained.config.debounce,
+            "pre_steps": trained.config.pre_steps,
+            "label_rule": LABEL_RULE,
+        },
+        training={
+            **(training_info or {}),
+            **{k: v for k, v in trained.report.items() if k != "config"},
+        },
         normalization=net.normalization_json(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         graph_sha256="0" * 64,
@@ -497,6 +567,12 @@ def export_detector(
         raise RewardModelError(f"ONNX Runtime differs from torch by {err:.2e}; nothing written")
     atomic_write_bytes(out, data, overwrite=overwrite)
     loaded = SuccessDetector.load(out)
-    return {"onnx": str(out), "bytes": len(data), "sha256": loaded.model.sha256,
-            "tag": loaded.tag, "threshold": loaded.threshold, "debounce": loaded.debounce,
-            "max_abs_err_vs_torch": err}
+    return {
+        "onnx": str(out),
+        "bytes": len(data),
+        "sha256": loaded.model.sha256,
+        "tag": loaded.tag,
+        "threshold": loaded.threshold,
+        "debounce": loaded.debounce,
+        "max_abs_err_vs_torch": err,
+    }

@@ -38,8 +38,9 @@ NEAR_MISS_SEED_OFFSET = 50_000  # near-miss episode j of a task starts from seed
 
 @dataclass
 class RewardDataConfig:
-    out: str = arg("", "replay directory to create (refuses one that already holds shards)",
-                   required=True)
+    out: str = arg(
+        "", "replay directory to create (refuses one that already holds shards)", required=True
+    )
     tasks: str = arg(envs.DEFAULT_TASK, "task name, comma-separated names, or 'mt10'")
     episodes: int = arg(100, "noisy-expert episodes per task")
     sigmas: str = arg("0,0.3,0.5,0.75,1.0", "expert noise std, assigned round-robin")
@@ -129,8 +130,9 @@ def near_miss_episode(
     the cut is moved earlier and tried again (``retries`` tries in all); the returned episode
     is labelled by the simulator's flag (``succeeded``), never assumed to be a failure.
     """
-    data, ok = run_episode(env, expert, seed=seed, sigma=sigma, rng=rng, max_steps=max_steps,
-                           post_success_steps=0)
+    data, ok = run_episode(
+        env, expert, seed=seed, sigma=sigma, rng=rng, max_steps=max_steps, post_success_steps=0
+    )
     if not ok:
         return None
     success_step = int(np.argmax(data.success)) + 1  # steps taken when the flag first rose
@@ -140,9 +142,18 @@ def near_miss_episode(
         stop = success_step - k
         if stop < 1:
             break
-        result = _replay_and_drift(env, data, seed=seed, stop=stop, success_step=success_step,
-                                   drift_steps=drift_steps, drift_sigma=drift_sigma, rng=rng,
-                                   max_steps=max_steps, post_success_steps=post_success_steps)
+        result = _replay_and_drift(
+            env,
+            data,
+            seed=seed,
+            stop=stop,
+            success_step=success_step,
+            drift_steps=drift_steps,
+            drift_sigma=drift_sigma,
+            rng=rng,
+            max_steps=max_steps,
+            post_success_steps=post_success_steps,
+        )
         if result is None or not result.succeeded:
             return result
         k = int(k * 1.5) + 4
@@ -217,8 +228,13 @@ def collect_reward_data(cfg: RewardDataConfig, *, quiet: bool = False) -> dict[s
     t0 = time.perf_counter()
     per_task: dict[str, dict[str, Any]] = {}
     near_miss_ids: list[int] = []
-    with ReplayWriter(out, source="reward:metaworld-expert+nearmiss", obs_kind="state",
-                      tasks=tasks, extra={"sigmas": sigmas, "config": asdict(cfg)}) as writer:
+    with ReplayWriter(
+        out,
+        source="reward:metaworld-expert+nearmiss",
+        obs_kind="state",
+        tasks=tasks,
+        extra={"sigmas": sigmas, "config": asdict(cfg)},
+    ) as writer:
         for ti, task in enumerate(tasks):
             env = envs.make_env(task)
             expert = CopyingExpert(envs.expert_for(task))
@@ -227,9 +243,15 @@ def collect_reward_data(cfg: RewardDataConfig, *, quiet: bool = False) -> dict[s
             for i in range(cfg.episodes):
                 sigma = sigmas[i % len(sigmas)]
                 rng = np.random.default_rng([cfg.seed, i, ti, 11])
-                data, ok = run_episode(env, expert, seed=cfg.seed + i, sigma=sigma, rng=rng,
-                                       max_steps=cfg.max_steps,
-                                       post_success_steps=cfg.post_success_steps)
+                data, ok = run_episode(
+                    env,
+                    expert,
+                    seed=cfg.seed + i,
+                    sigma=sigma,
+                    rng=rng,
+                    max_steps=cfg.max_steps,
+                    post_success_steps=cfg.post_success_steps,
+                )
                 writer.add_episode(data, task=task, version=version_tag(sigma))
                 outcomes[f"{sigma:g}"].append(ok)
             stats["expert"] = {
@@ -241,10 +263,17 @@ def collect_reward_data(cfg: RewardDataConfig, *, quiet: bool = False) -> dict[s
                 sigma = nm_sigmas[attempts % len(nm_sigmas)]
                 rng = np.random.default_rng([cfg.seed, attempts, ti, 13])
                 nm = near_miss_episode(
-                    env, expert, seed=cfg.seed + NEAR_MISS_SEED_OFFSET + attempts, sigma=sigma,
-                    stop_short=stop_short, drift_steps=cfg.drift_steps,
-                    drift_sigma=cfg.drift_sigma, rng=rng, max_steps=cfg.max_steps,
-                    post_success_steps=cfg.post_success_steps)
+                    env,
+                    expert,
+                    seed=cfg.seed + NEAR_MISS_SEED_OFFSET + attempts,
+                    sigma=sigma,
+                    stop_short=stop_short,
+                    drift_steps=cfg.drift_steps,
+                    drift_sigma=cfg.drift_sigma,
+                    rng=rng,
+                    max_steps=cfg.max_steps,
+                    post_success_steps=cfg.post_success_steps,
+                )
                 attempts += 1
                 if nm is None or nm.succeeded:
                     continue
@@ -255,14 +284,25 @@ def collect_reward_data(cfg: RewardDataConfig, *, quiet: bool = False) -> dict[s
             env.close()
             per_task[task] = stats
             if not quiet:
-                rates = ", ".join(f"sigma {s}: {v['success_rate']:.2f}"
-                                  for s, v in stats["expert"].items() if v["episodes"])
-                print(f"{task}: {rates}; {stats['near_miss']['episodes']} near-misses "
-                      f"({time.perf_counter() - t0:.0f} s)", flush=True)
+                rates = ", ".join(
+                    f"sigma {s}: {v['success_rate']:.2f}"
+                    for s, v in stats["expert"].items()
+                    if v["episodes"]
+                )
+                print(
+                    f"{task}: {rates}; {stats['near_miss']['episodes']} near-misses "
+                    f"({time.perf_counter() - t0:.0f} s)",
+                    flush=True,
+                )
     rows = sum(info.rows for info in writer.written)
-    summary = {"tasks": list(tasks), "rows": rows, "per_task": per_task,
-               "near_miss_episodes": len(near_miss_ids),
-               "seconds": round(time.perf_counter() - t0, 1), "config": asdict(cfg)}
+    summary = {
+        "tasks": list(tasks),
+        "rows": rows,
+        "per_task": per_task,
+        "near_miss_episodes": len(near_miss_ids),
+        "seconds": round(time.perf_counter() - t0, 1),
+        "config": asdict(cfg),
+    }
     write_json(out / "reward_data.json", summary)
     return summary
 
@@ -274,6 +314,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(RewardDataConfig, args)
     summary = collect_reward_data(cfg)
-    print(f"wrote {summary['rows']} transitions to {cfg.out} "
-          f"({summary['near_miss_episodes']} near-miss failures)")
+    print(
+        f"wrote {summary['rows']} transitions to {cfg.out} "
+        f"({summary['near_miss_episodes']} near-miss failures)"
+    )
     return 0

@@ -11,6 +11,10 @@ recorded episode (o_0 .. o_n) with its threshold and debounce; it **fires** or n
   share of successes detected at or before the success step (what a graph whose simulator ends
   the episode at success needs); ``early``: fired more than ``pre_steps + 5`` steps early.
 - ``window_*``: per-window accuracy/precision/recall against the WMPO labels.
+- ``end_on_success``: the same episodes as a graph whose simulator ends each episode at its
+  success step (``sim_robot end_on_success``) sees them: successful episodes cut at ``s``, and
+  the reward node's rule at an episode's last sample (fired, or the final window alone at or
+  above the threshold); ``recall`` and ``false_success_in_failed`` under that rule.
 
 Progress, on successful episodes (o_0 .. o_s): Pearson and Spearman correlation between the
 predicted and the true steps-to-go (equivalently between -d(o) and -time-to-success), pooled
@@ -57,8 +61,11 @@ def _episode_counts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     n = len(records)
     failed = fp + tn
     near = [r for r in records if r["near_miss"]]
-    delays = [r["fired"] - r["success_step"] for r in records
-              if r["success"] and r["fired"] is not None]
+    delays = [
+        r["fired"] - r["success_step"] for r in records if r["success"] and r["fired"] is not None
+    ]
+    g_tp = sum(1 for r in records if r["success"] and r["end_on_success_verdict"])
+    g_fp = sum(1 for r in records if not r["success"] and r["end_on_success_verdict"])
     return {
         "episodes": n,
         "successes": tp + fn,
@@ -75,6 +82,11 @@ def _episode_counts(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "by_success_step": _ratio(sum(1 for d in delays if d <= 0), tp + fn),
         "early": sum(1 for r in records if r["success"] and r["fired"] is not None
                      and r["fired"] < r["success_step"] - r["pre_steps"] - EARLY_SLACK),
+        "end_on_success": {
+            "accuracy": _ratio(g_tp + failed - g_fp, n),
+            "recall": _ratio(g_tp, tp + fn),
+            "false_success_in_failed": g_fp,
+        },
     }  # fmt: skip
 
 
@@ -89,8 +101,9 @@ def _delay_stats(delays: Sequence[int]) -> dict[str, Any]:
         "p90_abs": float(np.percentile(np.abs(d), 90)),
         "min": int(d.min()),
         "max": int(d.max()),
-        "histogram": {str(int(v)): int(c) for v, c in zip(*np.unique(d, return_counts=True),
-                                                          strict=True)},
+        "histogram": {
+            str(int(v)): int(c) for v, c in zip(*np.unique(d, return_counts=True), strict=True)
+        },
     }
 
 
@@ -104,15 +117,18 @@ def evaluate_detector(
     w_true: list[np.ndarray] = []
     for ep in episodes:
         probs = detector.probabilities(ep.obs, task=ep.task)
-        k = first_fire(probs, threshold=detector.threshold, debounce=detector.debounce)
+        thr = detector.threshold_for(ep.task)
+        k = first_fire(probs, threshold=thr, debounce=detector.debounce)
         labels = success_labels(ep.obs.shape[0], ep.success_step, pre_steps=pre)
-        w_pred.append(probs >= detector.threshold)
+        w_pred.append(probs >= thr)
         w_true.append(labels > 0)
+        end = ep.success_step if ep.success_step is not None else ep.steps
+        graph = (k is not None and k <= end) or bool(probs[end] >= thr)
         records.append({
             "episode": ep.episode, "task": ep.task, "version": ep.version,
             "success": ep.succeeded, "success_step": ep.success_step, "steps": ep.steps,
             "near_miss": ep.near_miss, "fired": k, "pre_steps": pre,
-            "max_prob": float(probs.max()),
+            "max_prob": float(probs.max()), "end_on_success_verdict": graph,
         })  # fmt: skip
     metrics = _episode_counts(records)
     wp = np.concatenate(w_pred)
@@ -187,8 +203,9 @@ def evaluate_progress(
 
 
 # ---------------------------------------------------------------------- plots
-def plot_detector(metrics: dict[str, Any], records: Sequence[dict[str, Any]], path: Path,
-                  *, title: str) -> None:
+def plot_detector(
+    metrics: dict[str, Any], records: Sequence[dict[str, Any]], path: Path, *, title: str
+) -> None:
     """Confusion summary (left) and detection-delay histogram (right)."""
     import matplotlib
 
@@ -203,10 +220,14 @@ def plot_detector(metrics: dict[str, Any], records: Sequence[dict[str, Any]], pa
     ax1.set_xticks([0, 1], ["fired", "did not fire"])
     ax1.set_yticks([0, 1], ["succeeded\n(sim flag)", "failed"])
     acc = metrics["accuracy"] or 0.0
-    ax1.set_title(f"episodes: accuracy {acc:.3f}, false success in failed "
-                  f"{metrics['false_success_in_failed']}/{metrics['failures']}", fontsize=9)
-    delays = [r["fired"] - r["success_step"] for r in records
-              if r["success"] and r["fired"] is not None]
+    ax1.set_title(
+        f"episodes: accuracy {acc:.3f}, false success in failed "
+        f"{metrics['false_success_in_failed']}/{metrics['failures']}",
+        fontsize=9,
+    )
+    delays = [
+        r["fired"] - r["success_step"] for r in records if r["success"] and r["fired"] is not None
+    ]
     if delays:
         lo, hi = min(delays), max(delays)
         ax2.hist(delays, bins=np.arange(lo - 0.5, hi + 1.5, 1.0), color="tab:green")
@@ -220,8 +241,9 @@ def plot_detector(metrics: dict[str, Any], records: Sequence[dict[str, Any]], pa
     plt.close(fig)
 
 
-def plot_progress(arrays: dict[str, np.ndarray], metrics: dict[str, Any], path: Path,
-                  *, title: str) -> None:
+def plot_progress(
+    arrays: dict[str, np.ndarray], metrics: dict[str, Any], path: Path, *, title: str
+) -> None:
     """Predicted vs true steps-to-go on held-out successful episodes."""
     import matplotlib
 
@@ -233,8 +255,13 @@ def plot_progress(arrays: dict[str, np.ndarray], metrics: dict[str, Any], path: 
         tasks = arrays["tasks"]
         for i, name in enumerate(tasks):
             sel = arrays["task"] == i
-            ax.scatter(arrays["true"][sel], arrays["pred"][sel], s=3, alpha=0.35,
-                       label=str(name) if len(tasks) > 1 else None)
+            ax.scatter(
+                arrays["true"][sel],
+                arrays["pred"][sel],
+                s=3,
+                alpha=0.35,
+                label=str(name) if len(tasks) > 1 else None,
+            )
         top = float(max(arrays["true"].max(), arrays["pred"].max()))
         ax.plot([0, top], [0, top], "k--", lw=1)
         if len(tasks) > 1:
@@ -242,8 +269,10 @@ def plot_progress(arrays: dict[str, np.ndarray], metrics: dict[str, Any], path: 
     ax.set_xlabel("true steps to success")
     ax.set_ylabel("predicted steps to go d(o)")
     corr = metrics.get("progress_corr")
-    ax.set_title(f"{title}\nPearson(-d, -time-to-success) = "
-                 f"{corr if corr is None else round(corr, 3)}", fontsize=9)
+    ax.set_title(
+        f"{title}\nPearson(-d, -time-to-success) = {corr if corr is None else round(corr, 3)}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

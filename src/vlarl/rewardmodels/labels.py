@@ -20,8 +20,9 @@ a robot (through the bag bridge).
   observations it is padded with ``o_0`` (the runtime does the same).
 
 :func:`relabel_rewards` is the offline twin of the reward node: it runs the same
-:class:`~vlarl.rewardmodels.detector.SuccessDetector` / :class:`~vlarl.rewardmodels.progress.ProgressModel`
-over replay transitions and returns them with recomputed reward and success columns.
+:class:`~vlarl.rewardmodels.detector.SuccessDetector` and
+:class:`~vlarl.rewardmodels.progress.ProgressModel` over replay transitions and returns them with
+recomputed reward and success columns.
 """
 
 from __future__ import annotations
@@ -251,8 +252,9 @@ def label_replay(
 ) -> tuple[list[Episode], WindowSet]:
     """Episodes of replay data and their labelled windows, in one call."""
     episodes = load_episodes(source, tasks=tasks)
-    return episodes, build_windows(episodes, window=window, pre_steps=pre_steps,
-                                   max_steps=max_steps)
+    return episodes, build_windows(
+        episodes, window=window, pre_steps=pre_steps, max_steps=max_steps
+    )
 
 
 def split_episodes(
@@ -267,7 +269,7 @@ def split_episodes(
         groups.setdefault((ep.task, ep.succeeded, ep.near_miss), []).append(i)
     val: set[int] = set()
     for members in groups.values():
-        k = int(round(fraction * len(members)))
+        k = round(fraction * len(members))
         if k and len(members) > 1:
             val.update(rng.choice(members, size=min(k, len(members) - 1), replace=False).tolist())
     train = [e for i, e in enumerate(episodes) if i not in val]
@@ -312,7 +314,7 @@ def relabel_rewards(
         task = task_names[int(data.task[rows[0]])]
         obs = observation_sequence(data, rows)
         if detector is not None:
-            fired = detector.fire_mask(detector.probabilities(obs, task=task))
+            fired = detector.fire_mask(detector.probabilities(obs, task=task), task=task)
             success = fired[1:]  # row k-1 <-> o_k
         else:
             success = np.maximum.accumulate(data.success[rows] > 0)
@@ -337,8 +339,9 @@ def describe(episodes: Sequence[Episode]) -> dict[str, Any]:
     """Counts per task: episodes, successes, near-misses, failures."""
     out: dict[str, Any] = {}
     for ep in episodes:
-        row = out.setdefault(ep.task, {"episodes": 0, "succeeded": 0, "failed": 0,
-                                       "near_miss": 0, "steps": 0})
+        row = out.setdefault(
+            ep.task, {"episodes": 0, "succeeded": 0, "failed": 0, "near_miss": 0, "steps": 0}
+        )
         row["episodes"] += 1
         row["succeeded" if ep.succeeded else "failed"] += 1
         row["near_miss"] += int(ep.near_miss)

@@ -106,8 +106,7 @@ class RewardModelMetadata:
         missing = [k for k in _REQUIRED if k not in raw]
         if missing:
             raise RewardModelError(
-                "not a vlarl reward model: metadata lacks "
-                + ", ".join(PREFIX + k for k in missing)
+                "not a vlarl reward model: metadata lacks " + ", ".join(PREFIX + k for k in missing)
             )
         if raw["reward_contract"] != REWARD_CONTRACT:
             raise RewardModelError(
@@ -283,9 +282,7 @@ def _check_io(model: Any, meta: RewardModelMetadata) -> None:
                 )
 
 
-def load_model_file(
-    path: str | Path, *, kind: str, intra_op_threads: int = 1
-) -> LoadedModel:
+def load_model_file(path: str | Path, *, kind: str, intra_op_threads: int = 1) -> LoadedModel:
     """Load and verify a reward model of ``kind``; raise :class:`RewardModelError` if refused."""
     import onnx
     import onnxruntime as ort
@@ -332,9 +329,7 @@ def load_model_file(
         session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise RewardModelError(f"onnxruntime cannot load {path.name}: {_first_line(exc)}") from None
-    embeddings = {
-        t: np.asarray(v, np.float32).reshape(1, -1) for t, v in meta.instructions.items()
-    }
+    embeddings = {t: np.asarray(v, np.float32).reshape(1, -1) for t, v in meta.instructions.items()}
     loaded = LoadedModel(path, session, meta, hashlib.sha256(data).hexdigest(), embeddings)
     _probe(loaded)
     return loaded

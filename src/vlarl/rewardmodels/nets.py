@@ -99,8 +99,8 @@ class WindowNet(nn.Module):
             self.delta_std.copy_(torch.as_tensor(dstd, dtype=torch.float32))
         if self.n_pairs:
             with torch.no_grad():
-                geo = self._geometry(torch.from_numpy(np.asarray(obs, np.float32)[:, None]))
-            geo = geo.reshape(-1, 4 * self.n_pairs).numpy()
+                geo_t = self._geometry(torch.from_numpy(np.asarray(obs, np.float32)[:, None]))
+            geo = geo_t.reshape(-1, 4 * self.n_pairs).numpy()
             self.geo_mean.copy_(torch.as_tensor(geo.mean(axis=0)))
             self.geo_std.copy_(torch.as_tensor(np.maximum(geo.std(axis=0), STD_FLOOR)))
 
@@ -148,7 +148,9 @@ def parse_points(text: str, obs_dim: int) -> tuple[int, ...]:
     try:
         points = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"points must be 'auto', 'none' or comma-separated indices: {text!r}")
+        raise ValueError(
+            f"points must be 'auto', 'none' or comma-separated indices: {text!r}"
+        ) from None
     if any(p < 0 or p + 3 > obs_dim for p in points):
         raise ValueError(f"points {points} do not fit an observation of {obs_dim} numbers")
     return points
@@ -202,9 +204,17 @@ def to_onnx_bytes(head: nn.Module, *, net: WindowNet, output: str) -> bytes:
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, buf, input_names=names, output_names=[output],
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
+        torch.onnx.export(
+            module,
+            args,
+            buf,  # type: ignore[arg-type]
+            input_names=names,
+            output_names=[output],
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
     return buf.getvalue()
 
 

@@ -173,7 +173,7 @@ class ProgressConfig:
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
     points: str = "auto"  # 3-d points for geometric features: auto (Meta-World), none, a,b,..
-    steps: int = 4000  # optimizer steps
+    steps: int = 3000  # optimizer steps
     batch: int = 512  # windows per step
     lr: float = 1e-3  # peak learning rate (cosine schedule)
     weight_decay: float = 1e-4  # AdamW weight decay
@@ -237,15 +237,22 @@ def train_progress(
         val_eps = train_eps
     tr = build_windows(train_eps, window=cfg.window, max_steps=cfg.max_steps, tasks=tasks)
     va = build_windows(val_eps, window=cfg.window, max_steps=cfg.max_steps, tasks=tasks)
-    log(f"progress: {len(train_eps)} train / {len(val_eps)} val episodes, {len(tr)} windows "
-        f"({int((~tr.censored).sum())} with exact targets)")
+    log(
+        f"progress: {len(train_eps)} train / {len(val_eps)} val episodes, {len(tr)} windows "
+        f"({int((~tr.censored).sum())} with exact targets)"
+    )
     try:
         points = parse_points(cfg.points, tr.obs.shape[1])
     except ValueError as exc:
         raise RewardModelError(str(exc)) from None
-    net = WindowNet(obs_dim=tr.obs.shape[1], window=cfg.window,
-                    instr_dim=0 if table is None else table.shape[1], hidden=cfg.hidden,
-                    depth=cfg.depth, points=points)
+    net = WindowNet(
+        obs_dim=tr.obs.shape[1],
+        window=cfg.window,
+        instr_dim=0 if table is None else table.shape[1],
+        hidden=cfg.hidden,
+        depth=cfg.depth,
+        points=points,
+    )
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(tr), size=min(len(tr), 20000), replace=False)
     net.fit_normalization(tr.obs, tr.windows(sample))
@@ -259,7 +266,7 @@ def train_progress(
         pred = predict(head, va_windows, va_instr)
         return float(np.mean(np.abs(pred[exact_va] - va.steps_to_go[exact_va])))
 
-    best = (math.inf, None, 0)
+    best: tuple[float, dict[str, Any] | None, int] = (math.inf, None, 0)
     t0 = time.perf_counter()
     huber = torch.nn.HuberLoss(reduction="none", delta=0.2)
     target_all = (tr.steps_to_go / cfg.scale).astype(np.float32)
@@ -283,8 +290,10 @@ def train_progress(
             err = val_error()
             if err < best[0]:
                 best = (err, {k: v.detach().clone() for k, v in net.state_dict().items()}, step + 1)
-            log(f"  step {step + 1}: loss {loss.item():.4f}, val MAE {err:.1f} steps "
-                f"({time.perf_counter() - t0:.0f} s)")
+            log(
+                f"  step {step + 1}: loss {loss.item():.4f}, val MAE {err:.1f} steps "
+                f"({time.perf_counter() - t0:.0f} s)"
+            )
     if best[1] is not None:
         net.load_state_dict(best[1])
     head.eval()
@@ -301,8 +310,15 @@ def train_progress(
         "config": dataclasses.asdict(cfg),
     }
     log(f"progress: val MAE {best[0]:.1f} steps, corr {report['val_corr']:.3f}")
-    return TrainedProgress(head=head, config=cfg, tasks=tasks, instructions=instr_map,
-                           report=report, val_windows=va_windows, val_instructions=va_instr)
+    return TrainedProgress(
+        head=head,
+        config=cfg,
+        tasks=tasks,
+        instructions=instr_map,
+        report=report,
+        val_windows=va_windows,
+        val_instructions=va_instr,
+    )
 
 
 def nn_softplus(x: Any) -> Any:
@@ -343,10 +359,16 @@ def export_progress(
         instr_dim=net.instr_dim,
         tasks=trained.tasks,
         instructions={t: tuple(float(x) for x in v) for t, v in trained.instructions.items()},
-        params={"max_steps": trained.config.max_steps, "scale": trained.config.scale,
-                "value": "-steps_to_go", "dense_reward": "d(o_t) - d(o_t+1)"},
-        training={**(training_info or {}), **{k: v for k, v in trained.report.items()
-                                              if k != "config"}},
+        params={
+            "max_steps": trained.config.max_steps,
+            "scale": trained.config.scale,
+            "value": "-steps_to_go",
+            "dense_reward": "d(o_t) - d(o_t+1)",
+        },
+        training={
+            **(training_info or {}),
+            **{k: v for k, v in trained.report.items() if k != "config"},
+        },
         normalization=net.normalization_json(),
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         graph_sha256="0" * 64,
@@ -369,5 +391,10 @@ def export_progress(
         raise RewardModelError(f"ONNX Runtime differs from torch by {err:.2e}; nothing written")
     atomic_write_bytes(out, data, overwrite=overwrite)
     loaded = ProgressModel.load(out)
-    return {"onnx": str(out), "bytes": len(data), "sha256": loaded.model.sha256,
-            "tag": loaded.tag, "max_abs_err_vs_torch": err}
+    return {
+        "onnx": str(out),
+        "bytes": len(data),
+        "sha256": loaded.model.sha256,
+        "tag": loaded.tag,
+        "max_abs_err_vs_torch": err,
+    }

@@ -197,6 +197,7 @@ class BackgroundRenderer:
         self._config = config or CameraConfig()
         self._cond = threading.Condition()
         self._pending: SimSnapshot | None = None
+        self._rendering = False
         self._stop = False
         self.stats = RenderStats()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -226,6 +227,11 @@ class BackgroundRenderer:
         with self._cond:
             return self._pending is None
 
+    def busy(self) -> bool:
+        """True while a snapshot waits or renders."""
+        with self._cond:
+            return self._pending is not None or self._rendering
+
     def _run(self) -> None:
         renderer = OffscreenRenderer(self._config)
         try:
@@ -237,6 +243,7 @@ class BackgroundRenderer:
                         return
                     snapshot, self._pending = self._pending, None
                     config = self._config
+                    self._rendering = True
                 assert snapshot is not None
                 renderer.reconfigure(config)
                 start = time.perf_counter()
@@ -248,6 +255,9 @@ class BackgroundRenderer:
                 except Exception as exc:  # reported through stats; the thread keeps serving
                     self.stats.errors += 1
                     self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                finally:
+                    with self._cond:
+                        self._rendering = False
         finally:
             renderer.close()
 
