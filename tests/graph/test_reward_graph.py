@@ -136,20 +136,23 @@ class Harness:
         stamp0: int,
         success_at: int | None = None,
         truncate_last: bool = False,
+        terminal_last: bool = False,
         obs_first: bool = False,
         steps: int | None = None,
     ) -> list[int]:
         """Publish steps 0..n of one episode (status + task state + observation, one stamp).
 
-        The robot's success flag is only raised at ``success_at`` (None: never)."""
+        The robot's success flag is only raised at ``success_at`` (None: never); its last
+        sample may say truncated or terminal (a robot that ends the episode itself)."""
         n = (obs.shape[0] if obs is not None else int(steps or 0) + 1) - 1
         stamps = []
         for k in range(n + 1):
             stamp = stamp0 + k * 12_500_000
             stamps.append(stamp)
             flag = float(success_at is not None and k >= success_at)
-            last = float(truncate_last and k == n)
-            status = [episode, k, flag, 0.0, last, 0.0]
+            trunc = float(truncate_last and k == n)
+            term = float(terminal_last and k == n)
+            status = [episode, k, flag, term, trunc, 0.0]
             state = obs[k] if obs is not None else np.zeros(39)
             self.task_pub.publish(_vector(state, stamp_ns=stamp, frame="pick-place-v3"))
             if obs is not None and obs_first:
@@ -272,7 +275,7 @@ def _real_episodes() -> tuple[np.ndarray, int, np.ndarray]:
         sigma=0.2,
         rng=np.random.default_rng(3),
         max_steps=300,
-        post_success_steps=0,
+        post_success_steps=6,
     )
     assert ok
     near = None
@@ -299,36 +302,52 @@ def _real_episodes() -> tuple[np.ndarray, int, np.ndarray]:
 
 
 def test_detector_decides_success_from_real_observations(start: Any, rclpy_context: Any) -> None:
-    """The robot's flag never rises: success (and the reward) come from the learned detector;
-    value from the progress model. A near-miss is not a success."""
+    """The robot's flag never rises: success (and the reward) come from the learned detector,
+    exactly as the offline runtime decides on the same observations; value from the progress
+    model. A near-miss is not a success."""
+    from vlarl.graph import package_root
+    from vlarl.rewardmodels.detector import SuccessDetector, first_fire
+
     obs, s, near = _real_episodes()
+    offline = SuccessDetector.load(package_root() / DETECTOR)
+    k_fire = offline.detect(obs, task="pick-place-v3")  # sliding window + debounce
+    assert k_fire is not None and abs(k_fire - s) <= 4, (k_fire, s)  # the shipped model
+    cut = obs[: s + 1]  # as a simulator that ends the episode at its success step
+    cut_probs = offline.probabilities(cut, task="pick-place-v3")
+    fired_by_s = first_fire(cut_probs, threshold=offline.threshold, debounce=offline.debounce)
+    eos_success = fired_by_s is not None or bool(cut_probs[-1] >= offline.threshold)
     start("reward", success_source="detector", detector_model=DETECTOR, progress_model=PROGRESS)
     h = Harness(rclpy_context)
     try:
         h.wait_ready(observations=True)
+        # an observation stream that is already running
+        h.obs_pub.publish(_vector(obs[0], stamp_ns=T0_NS - 10**9, frame="state"))
+        time.sleep(0.05)
         h.play(0, obs, stamp0=T0_NS)  # status first, then the observation (as in lockstep)
         h.play(1, near, stamp0=T0_NS + 10**10, truncate_last=True, obs_first=True)
-        assert wait_until(lambda: len(h.episodes) >= 2, timeout=15.0), h.episodes
+        h.play(2, cut, stamp0=T0_NS + 2 * 10**10, terminal_last=True)
+        assert wait_until(lambda: len(h.episodes) >= 3, timeout=15.0), h.episodes
         time.sleep(0.2)
     finally:
         h.close()
     first = h.rewards_of(0)
+    assert len(first) == obs.shape[0]
     hits = [int(r["step"]) for r in first if r["reward"] == 1.0]
-    assert len(hits) == 1 and abs(hits[0] - s) <= 4, (hits, s)
-    assert sum(r["reward"] for r in first) == 1.0
+    assert hits == [k_fire]  # the node decides as the offline runtime does
     ended = next(r for r in first if r["terminal"] == 1.0)
-    assert ended["success"] == 1.0 and int(ended["step"]) == hits[0]
-    # value = -d(o): negative, and nearer zero at the success than at the start (step 0 came
-    # before the first observation of the stream: no value for it)
+    assert ended["success"] == 1.0 and int(ended["step"]) == k_fire
+    # value = -d(o): negative, and nearer zero at the success than at the start
     values = [r["value"] for r in first]
-    assert all(v <= 0.0 for v in values) and values[1] < -10.0
-    assert values[hits[0]] > values[1] + 10.0
+    assert all(v <= 0.0 for v in values) and values[0] < -10.0
+    assert values[k_fire] > values[0] + 10.0
     second = h.rewards_of(1)
     assert len(second) == near.shape[0]
     assert all(r["reward"] == 0.0 and r["success"] == 0.0 for r in second)
     summaries = {e["episode"]: e for e in h.episodes}
     assert (summaries[0]["success"], summaries[0]["end"]) == (True, "success")
     assert (summaries[1]["success"], summaries[1]["end"]) == (False, "truncated")
+    # the robot ended episode 2 at the success step: the final window was judged on its own
+    assert (summaries[2]["success"], summaries[2]["end"]) == (eos_success, "terminal")
     assert {e["success_source"] for e in h.episodes} == {"detector"}
 
 

@@ -199,6 +199,7 @@ class DetectorSuccess:
 
     def __init__(self, detector: SuccessDetector) -> None:
         self.detector = detector
+        detector.reset()  # a switch mid-episode starts from an empty window
         self.errors = 0
         self.last_error = ""
         self._task = ""
@@ -244,6 +245,7 @@ class ProgressValue:
 
     def __init__(self, model: ProgressModel) -> None:
         self.model = model
+        model.reset()
         self.errors = 0
         self.last_error = ""
         self._task = ""

@@ -123,6 +123,7 @@ class RewardNode(Node):
         self._label_since: float | None = None
         self._last_status_ns = 0
         self._reset_client: Any = None
+        self._errors_seen: dict[int, int] = {}
 
         if p["detector_model"]:
             try:
@@ -269,6 +270,15 @@ class RewardNode(Node):
         if not np.isfinite(obs).all():
             self.malformed += 1
             return
+        dims = {m.metadata.obs_dim for m in (self._detector, self._progress) if m is not None}
+        if dims and obs.shape[0] not in dims:  # e.g. image features for state-trained models
+            self.obs_mismatch += 1
+            if self.obs_mismatch == 1 or self.obs_mismatch % 1000 == 0:
+                self.get_logger().warning(
+                    f"observation has {obs.shape[0]} numbers, the learned models take "
+                    f"{sorted(dims)}: ignored ({self.obs_mismatch} so far)"
+                )
+            return  # not part of the stream the learned models read: nothing waits for it
         self._join.add_observation(stamp_to_ns(msg.header.stamp), obs, time.monotonic_ns())
         self._drain()
 
@@ -312,16 +322,12 @@ class RewardNode(Node):
     ) -> None:
         if obs is not None:
             dims = {m.metadata.obs_dim for m in (self._detector, self._progress) if m is not None}
-            if dims and obs.shape[0] not in dims:
-                self.obs_mismatch += 1
-                if self.obs_mismatch == 1 or self.obs_mismatch % 1000 == 0:
-                    self.get_logger().warning(
-                        f"observation has {obs.shape[0]} numbers, the learned models take "
-                        f"{sorted(dims)}: ignored ({self.obs_mismatch} so far)"
-                    )
+            if dims and obs.shape[0] not in dims:  # the models changed while it waited
                 obs = None
         self._last_status_ns = stamp_ns
         out, finished = self.accountant.update(sample, task=self._task, stamp_ns=stamp_ns, obs=obs)
+        if obs is not None:
+            self._report_model_errors()
         if out is not None:
             reward = self._reward
             reward.header.stamp = msg.header.stamp
@@ -332,6 +338,19 @@ class RewardNode(Node):
                 self._label_since = None
             self._publish_episode(summary)
             self._request_reset(summary)
+
+    def _report_model_errors(self) -> None:
+        """A learned model that refuses its inputs (unknown task, ...) fails closed; say so
+        (first time and every 1000th)."""
+        for source in (self.accountant.success_source, self.accountant.value_source):
+            errors = getattr(source, "errors", 0)
+            if errors and errors != self._errors_seen.get(id(source)):
+                self._errors_seen[id(source)] = errors
+                if errors == 1 or errors % 1000 == 0:
+                    self.get_logger().warning(
+                        f"{type(source).__name__}: {getattr(source, 'last_error', '')} "
+                        f"({errors} so far; nothing is decided from these observations)"
+                    )
 
     def _on_label(self, request: Any, response: Any) -> Any:
         success = bool(request.data)

@@ -61,6 +61,8 @@ class Dataset:
     task: np.ndarray  # int [N], index into tasks
     tasks: tuple[str, ...]
     camera: str
+    every: int = 0  # collect setting: a frame every n-th step (0 = unknown)
+    episodes_per_seed: int = 0  # collect setting (0 = unknown)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +75,8 @@ class Dataset:
             task=self.task,
             tasks=np.array(self.tasks),
             camera=np.array(self.camera),
+            every=np.array(self.every),
+            episodes_per_seed=np.array(self.episodes_per_seed),
         )
 
     @classmethod
@@ -86,6 +90,8 @@ class Dataset:
                 task=z["task"],
                 tasks=tuple(str(t) for t in z["tasks"]),
                 camera=str(z["camera"]),
+                every=int(z["every"]) if "every" in z else 0,
+                episodes_per_seed=int(z["episodes_per_seed"]) if "episodes_per_seed" in z else 0,
             )
 
 
@@ -157,6 +163,8 @@ def collect(config: CollectConfig, *, log: bool = True) -> Dataset:
         task=np.asarray(task_ids),
         tasks=tuple(config.tasks),
         camera=config.camera.camera,
+        every=config.every,
+        episodes_per_seed=config.episodes_per_seed,
     )
 
 
@@ -301,6 +309,8 @@ def train(
             )
     mae = evaluate(model, images[test_idx], targets[test_idx])
     info = {
+        "dataset": dataset_summary(dataset),
+        "mean_baseline_mae": mean_baseline(dataset, held_out=held_out, seed=seed),
         "train_frames": len(train_idx),
         "test_frames": len(test_idx),
         "test_episodes": len(np.unique(dataset.episode[test_idx])),
@@ -322,6 +332,116 @@ def train(
         },
     }
     return model, pconfig, dict(zip(POSE_FEATURE_NAMES, mae.tolist(), strict=True)), info
+
+
+def dataset_summary(dataset: Dataset) -> dict[str, Any]:
+    return {
+        "frames": len(dataset.frames),
+        "episodes": len(np.unique(dataset.episode)),
+        "layout_groups": len(np.unique(dataset.group)),
+        "tasks": list(dataset.tasks),
+        "camera": dataset.camera,
+        "frame_size": [int(dataset.frames.shape[2]), int(dataset.frames.shape[1])],
+        "every": dataset.every,
+        "episodes_per_seed": dataset.episodes_per_seed,
+    }
+
+
+def mean_baseline(dataset: Dataset, *, held_out: float, seed: int) -> dict[str, float]:
+    """Held-out MAE of always answering the training mean: what 'learned nothing' scores."""
+    train_idx, test_idx = split_groups(dataset, held_out=held_out, seed=seed)
+    mean = dataset.targets[train_idx].mean(axis=0)
+    error = np.abs(dataset.targets[test_idx] - mean).mean(axis=0)
+    return dict(zip(POSE_FEATURE_NAMES, error.astype(float).tolist(), strict=True))
+
+
+CARD_COMMAND = (
+    "python -m vlarl.perception.train_encoder --out models/image_encoder.onnx "
+    "--cache data/encoder_frames.npz --version {version}"
+)
+
+
+def card_markdown(report: dict[str, Any], meta: EncoderMetadata) -> str:
+    """The model card (models/image_encoder.md) for a training report."""
+    data = report["dataset"]
+    mae, base = report["held_out_mae"], report["mean_baseline_mae"]
+
+    def cm(name: str, value: float) -> str:
+        return f"{value:.3f}" if name == "gripper" else f"{100 * value:.2f} cm"
+
+    rows = [
+        f"| {n} | {cm(n, mae[n])} | {cm(n, base[n])} | "
+        + " | ".join(cm(n, report["test_mae_by_task"][t][n]) for t in data["tasks"])
+        + " |"
+        for n in meta.feature_names
+    ]
+    header = "| feature | held-out MAE | mean-baseline MAE | " + " | ".join(data["tasks"]) + " |"
+    goal = [n for n in meta.feature_names if n.startswith("goal_")]
+    goal_ratio = sum(mae[n] for n in goal) / max(1e-9, sum(base[n] for n in goal))
+    goal_note = (
+        f"The goal is a small dot (2-3 px at 84x84): the goal error is {100 * goal_ratio:.0f} % "
+        "of the mean baseline's"
+        + (
+            ", little better than not looking, so image-based policies should not rely on the "
+            "goal estimate."
+            if goal_ratio > 0.7
+            else "."
+        )
+    )
+    rule = "|---" * (3 + len(data["tasks"])) + "|"
+    every = data.get("every")
+    per_seed = data.get("episodes_per_seed")
+    sampling = f"a frame every {every} steps" if every else "frames along each episode"
+    seeds = f"every {per_seed} episodes" if per_seed else "every few episodes"
+    paragraphs = [
+        f"# Image encoder `{meta.tag}`",
+        f"A learned pose estimator for the embedded robot: one RGB frame of Meta-World's "
+        f"`{meta.camera}` camera ({meta.frame_width}x{meta.frame_height}) in, "
+        f"{meta.feature_dim} pose features in metres out ({', '.join(meta.feature_names)}). "
+        "The `perception` node runs it with `source: image` and appends proprioception. The "
+        f"contract (input `image` [B, 3, {meta.input_height}, {meta.input_width}] float32, "
+        f"output `features` [B, {meta.feature_dim}], `vlarl.encoder.*` metadata including the "
+        "preprocessing) is in `src/vlarl/perception/encoder.py`.",
+        "## Rebuild",
+        "    " + CARD_COMMAND.format(version=meta.version),
+        f"Renders {data['frames']} frames (80-300 ms each on CPU with `MUJOCO_GL=osmesa`, about "
+        "15 min on a loaded 2-core machine; `--cache` keeps them for re-training), trains "
+        f"{report['train_seconds']:.0f} s on one CPU thread, exports ONNX (max |ONNX - PyTorch| "
+        f"= {report['onnx_vs_torch_max_abs']:.1e}), re-loads it through the encoder contract and "
+        "writes this card and `image_encoder.json` (the full report).",
+        "## Data",
+        f"Scripted experts (`metaworld.policies`) of {', '.join(data['tasks'])} with Gaussian "
+        "action noise (sigma 0, 0.3, 0.6 or 1.0 per episode; a quarter of the episodes with a "
+        f"random gripper command), {sampling}: {data['frames']} frames from {data['episodes']} "
+        f"episodes. The robot seed (and with it the task's set of 50 object/goal layouts) changes "
+        f"{seeds} ({data['layout_groups']} seed groups). Held out: whole seed groups (20 % per "
+        f"task; {report['test_frames']} frames from {report['test_layout_groups']} groups), i.e. "
+        "layouts the encoder never saw.",
+        "## Model",
+        "Conv stack (4 conv layers with GroupNorm and ReLU, 84x84 -> 21x21x64) -> 32 spatial "
+        f"soft-argmax keypoints + pooled features -> MLP 256-256 -> {meta.feature_dim} outputs, "
+        "target normalization inside the graph. Smooth-L1 loss on normalized targets, AdamW with "
+        "a one-cycle learning rate, photometric jitter only (no geometric augmentation: the "
+        "targets depend on pixel geometry). Input normalization: per-channel mean/std of the "
+        "training frames (in the metadata).",
+        "## Held-out error (unseen layouts)",
+        "Mean absolute error. The mean baseline always answers the training mean (what an "
+        "encoder that learned nothing scores). The gripper is the opening in [0, 1].",
+        "\n".join([header, rule, *rows]),
+        "## Limits",
+        "\n".join(
+            [
+                f"- One fixed camera (`{meta.camera}`) and frame size; the perception node drops "
+                "frames from another camera or size (`check_camera`).",
+                f"- Trained on {', '.join(data['tasks'])} only; other tasks' objects are out of "
+                "distribution.",
+                f"- {goal_note}",
+                "- The gripper opening is a few pixels of finger; its estimate is coarse "
+                "(proprioception carries it exactly).",
+            ]
+        ),
+    ]
+    return "\n\n".join(paragraphs) + "\n"
 
 
 def evaluate(model: Any, images: Any, targets: Any) -> np.ndarray:
@@ -433,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"encoder": meta.tag, "held_out_mae": mae, "onnx_vs_torch_max_abs": gap, **info}
     print(json.dumps(report, indent=2), flush=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(card_markdown(report, meta))
     return 0
 
 

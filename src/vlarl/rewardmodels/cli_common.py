@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,14 @@ def default_model_id(episodes: list[Episode], kind: str) -> str:
     return f"{tasks[0] if len(tasks) == 1 else 'multitask'}-{kind}"
 
 
+def check_out(out: str, *, overwrite: bool) -> None:
+    path = Path(out)
+    if path.suffix != ".onnx":
+        raise RewardModelError(f"--out must end in .onnx, got {out}")
+    if path.exists() and not overwrite:
+        raise RewardModelError(f"{out} exists; pass --overwrite to replace it")
+
+
 def sidecar(out: str | Path, suffix: str) -> Path:
     out = Path(out)
     return out.with_name(out.stem + suffix)
@@ -52,3 +63,24 @@ def sidecar(out: str | Path, suffix: str) -> Path:
 
 def summary_line(report: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v}" for k, v in report.items() if isinstance(v, (int, float, str)))
+
+
+def clean_errors(verb: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Bad input (missing/corrupt replay data or model files, bad options) -> one clear line on
+    stderr and exit status 2, instead of a traceback."""
+
+    def wrap(run: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(run)
+        def inner(*args: Any, **kwargs: Any) -> int:
+            from vlarl.data.errors import ReplayError
+            from vlarl.learning.errors import LearningError
+
+            try:
+                return run(*args, **kwargs)
+            except (RewardModelError, ReplayError, LearningError) as exc:
+                print(f"vlarl {verb}: {exc}", file=sys.stderr)
+                return 2
+
+        return inner
+
+    return wrap

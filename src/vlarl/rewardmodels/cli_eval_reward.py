@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlarl.learning.runs import add_config_arguments, arg, config_from_args, write_json
-from vlarl.rewardmodels.cli_common import read_episodes
+from vlarl.rewardmodels.cli_common import clean_errors, read_episodes
 from vlarl.rewardmodels.errors import RewardModelError
 from vlarl.rewardmodels.labels import Episode, describe
 
@@ -98,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, EvalRewardArgs)
 
 
+@clean_errors("eval-reward")
 def run(args: argparse.Namespace) -> int:
     a = config_from_args(EvalRewardArgs, args)
     episodes = read_episodes(a.data, a.tasks)

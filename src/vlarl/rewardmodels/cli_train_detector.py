@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from vlarl.learning.runs import add_config_arguments, arg, config_from_args, write_json
 from vlarl.rewardmodels.cli_common import (
+    check_out,
+    clean_errors,
     default_model_id,
     instructions_for,
     read_episodes,
@@ -52,8 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TrainDetectorArgs)
 
 
+@clean_errors("train-detector")
 def run(args: argparse.Namespace) -> int:
     a = config_from_args(TrainDetectorArgs, args)
+    check_out(a.out, overwrite=a.overwrite)  # before training, not after
     episodes = read_episodes(a.data, a.tasks)
     counts = describe(episodes)
     print(f"episodes: {counts}")

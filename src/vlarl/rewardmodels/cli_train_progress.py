@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from vlarl.learning.runs import add_config_arguments, arg, config_from_args, write_json
 from vlarl.rewardmodels.cli_common import (
+    check_out,
+    clean_errors,
     default_model_id,
     instructions_for,
     read_episodes,
@@ -49,8 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, TrainProgressArgs)
 
 
+@clean_errors("train-progress")
 def run(args: argparse.Namespace) -> int:
     a = config_from_args(TrainProgressArgs, args)
+    check_out(a.out, overwrite=a.overwrite)  # before training, not after
     episodes = read_episodes(a.data, a.tasks)
     counts = describe(episodes)
     print(f"episodes: {counts}")

@@ -256,6 +256,7 @@ class DetectorConfig:
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
     points: str = "auto"  # 3-d points for geometric features: auto (Meta-World), none, a,b,..
+    raw_window: bool = True  # raw observations of the whole window (False: the newest only)
     steps: int = 3000  # optimizer steps
     batch: int = 512  # windows per step
     lr: float = 1e-3  # peak learning rate (cosine schedule)
@@ -404,6 +405,7 @@ def train_detector(
         hidden=cfg.hidden,
         depth=cfg.depth,
         points=points,
+        raw=cfg.raw_window,
     )
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(tr), size=min(len(tr), 20000), replace=False)
@@ -454,11 +456,11 @@ def train_detector(
     task_thresholds: dict[str, float] = {}
     if len(tasks) > 1:  # one threshold per task, on that task's validation episodes
         for task in tasks:
-            idx = [i for i, e in enumerate(val_eps) if e.task == task]
-            if any(val_eps[i].succeeded for i in idx):
+            members = [i for i, e in enumerate(val_eps) if e.task == task]
+            if any(val_eps[i].succeeded for i in members):
                 thr, detail = calibrate_threshold(
-                    [seqs[i] for i in idx],
-                    [val_eps[i] for i in idx],
+                    [seqs[i] for i in members],
+                    [val_eps[i] for i in members],
                     debounce=cfg.debounce,
                     pre_steps=cfg.pre_steps,
                 )

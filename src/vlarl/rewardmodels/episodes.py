@@ -31,6 +31,7 @@ from vlarl.data.replay import ReplayWriter, Transitions, list_shards
 from vlarl.learning import envs
 from vlarl.learning.collect import parse_sigmas, run_episode, version_tag
 from vlarl.learning.runs import add_config_arguments, arg, config_from_args, write_json
+from vlarl.rewardmodels.cli_common import clean_errors
 from vlarl.rewardmodels.errors import RewardDataError
 
 NEAR_MISS_SEED_OFFSET = 50_000  # near-miss episode j of a task starts from seed + offset + j
@@ -311,6 +312,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser, RewardDataConfig)
 
 
+@clean_errors("collect-reward")
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(RewardDataConfig, args)
     summary = collect_reward_data(cfg)

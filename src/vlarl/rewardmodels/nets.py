@@ -56,12 +56,14 @@ class WindowNet(nn.Module):
         depth: int = 2,
         instr_proj: int = 32,
         points: tuple[int, ...] = (),
+        raw: bool = True,
     ) -> None:
         super().__init__()
         self.obs_dim, self.window, self.instr_dim = obs_dim, window, instr_dim
         if any(p < 0 or p + 3 > obs_dim for p in points):
             raise ValueError(f"points {points} do not fit an observation of {obs_dim} numbers")
         self.points = tuple(int(p) for p in points)
+        self.raw = bool(raw) or not self.points  # without geometry the raw window is needed
         pairs = [(a, b) for i, a in enumerate(self.points) for b in self.points[i + 1 :]]
         self.n_pairs = len(pairs)
         self.register_buffer(
@@ -75,7 +77,8 @@ class WindowNet(nn.Module):
         self.register_buffer("delta_std", torch.ones(obs_dim))
         self.register_buffer("geo_mean", torch.zeros(4 * self.n_pairs))
         self.register_buffer("geo_std", torch.ones(4 * self.n_pairs))
-        in_dim = window * obs_dim + (window - 1) * obs_dim + window * 4 * self.n_pairs
+        in_dim = (window * obs_dim if self.raw else obs_dim) + (window - 1) * obs_dim
+        in_dim += window * 4 * self.n_pairs
         self.instr = nn.Linear(instr_dim, instr_proj) if instr_dim > 0 else None
         if self.instr is not None:
             in_dim += instr_proj
@@ -113,7 +116,7 @@ class WindowNet(nn.Module):
 
     def forward(self, window: Tensor, instruction: Tensor | None = None) -> Tensor:
         x = (window - self.obs_mean) / self.obs_std
-        parts = [x.flatten(1)]
+        parts = [x.flatten(1) if self.raw else x[:, -1]]
         if self.window > 1:
             d = (window[:, 1:] - window[:, :-1]) / self.delta_std
             parts.append(d.flatten(1))
@@ -132,6 +135,7 @@ class WindowNet(nn.Module):
             "obs_std": self.obs_std.tolist(),
             "delta_std": self.delta_std.tolist(),
             "points": list(self.points),
+            "raw_window": self.raw,
         }
 
 

@@ -173,6 +173,7 @@ class ProgressConfig:
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
     points: str = "auto"  # 3-d points for geometric features: auto (Meta-World), none, a,b,..
+    raw_window: bool = True  # raw observations of the whole window (False: the newest only)
     steps: int = 3000  # optimizer steps
     batch: int = 512  # windows per step
     lr: float = 1e-3  # peak learning rate (cosine schedule)
@@ -252,6 +253,7 @@ def train_progress(
         hidden=cfg.hidden,
         depth=cfg.depth,
         points=points,
+        raw=cfg.raw_window,
     )
     rng = np.random.default_rng(cfg.seed)
     sample = rng.choice(len(tr), size=min(len(tr), 20000), replace=False)
