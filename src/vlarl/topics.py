@@ -80,7 +80,7 @@ TOPICS: tuple[TopicSpec, ...] = (
         CAMERA_IMAGE,
         "sensor_msgs/Image",
         "sim_robot",
-        "camera_rate_hz (10)",
+        "camera_rate_hz (5)",
         "rgb8, camera_width x camera_height (84x84), stamp = sim sample time",
     ),
     TopicSpec(

@@ -332,10 +332,12 @@ def test_perception_state_path_drops_malformed_states(start, probe):
     state_pub, _ = _publishers(probe)
     start("perception", source="state")
     good = np.linspace(-0.5, 0.5, 39)
-    assert probe.spin_until(
-        lambda: (state_pub.publish(_state_msg(1_000, good)), bool(probe.observations))[1],
-        START_TIMEOUT,
-    ), "perception did not answer a valid state"
+
+    def valid_state_answered() -> bool:
+        state_pub.publish(_state_msg(1_000, good))  # repeated until perception is up and matched
+        return bool(probe.observations)
+
+    assert probe.spin_until(valid_state_answered, START_TIMEOUT), "no observation from a state"
     bad = good.copy()
     bad[7] = np.nan
     for stamp, values in ((2_000, bad), (3_000, good[:20]), (4_000, good)):
@@ -372,9 +374,11 @@ def test_perception_image_path_pairs_by_stamp_and_drops_malformed_frames(start, 
         state_pub.publish(_state_msg(stamp_ns, state))
         image_pub.publish(image(stamp_ns, **kwargs))
 
-    assert probe.spin_until(
-        lambda: (send(1_000_000), bool(probe.observations))[1], START_TIMEOUT
-    ), "no observation from a valid frame"
+    def valid_frame_answered() -> bool:
+        send(1_000_000)  # repeated until perception is up and matched
+        return bool(probe.observations)
+
+    assert probe.spin_until(valid_frame_answered, START_TIMEOUT), "no observation from a frame"
     send(2_000_000, encoding="mono8")
     send(3_000_000, size=64)
     send(4_000_000, camera="corner")
