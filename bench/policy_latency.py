@@ -94,12 +94,15 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from vlarl.learning import tensorrt
     from vlarl.learning.checkpoint import load_checkpoint
     from vlarl.learning.export import metadata_for, to_onnx_bytes, with_metadata
+    from vlarl.learning.networks import FlowPolicy
 
     torch.set_num_threads(1)
     teacher_ckpt = load_checkpoint(args.teacher)
     student_ckpt = load_checkpoint(args.student)
     teacher = teacher_ckpt.policy.eval()
     student = student_ckpt.policy.eval()
+    if not isinstance(teacher, FlowPolicy):
+        raise SystemExit(f"{args.teacher} is not a teacher checkpoint")
     teacher.steps = args.steps
     one_eval = copy.deepcopy(teacher)  # reference: one velocity evaluation of the teacher
     one_eval.steps = 1

@@ -43,11 +43,16 @@ LABELS = {
     "student_1step": "consistency student, 1 step",
 }
 
-# The MT10 recipe: the same as the single-task one (scripts/build_default_model.sh) with more
-# demonstrations in total and longer training for ten tasks.
-MT10_DATA = ROOT / "data" / "mt10" / "mixed"
+# The MT10 recipe: the single-task one (scripts/build_default_model.sh) with the same noise mix
+# and 400 episodes per task (collected as episodes 0-99 and 100-399), and longer training for
+# ten tasks. With several tasks the instruction embeddings are standardized over the tasks.
 MT10_RUNS = ROOT / "runs" / "mt10"
-MT10_COLLECT = ["--tasks", "mt10", "--episodes", "100", "--sigmas", "0,0.5,1.0,2.0", "--seed", "0"]
+MT10_COLLECT = {  # replay folder -> collect arguments
+    ROOT / "data" / "mt10" / "mixed": "--tasks mt10 --episodes 100 --sigmas 0,0.5,1.0,2.0 --seed 0",
+    ROOT / "data" / "mt10" / "mixed-b": "--tasks mt10 --episodes 300 --sigmas 0,0.5,1.0,2.0 "
+    "--seed 100",
+}
+MT10_DATA = ",".join(str(p) for p in MT10_COLLECT)
 MT10_COMMON = [
     "--chunk-length",
     "8",
@@ -58,9 +63,9 @@ MT10_COMMON = [
     "--seed",
     "0",
     "--train-steps",
-    "30000",
+    "60000",
 ]
-MT10_DISTILL = ["--hidden", "256", "--train-steps", "12000", "--lr", "3e-4", "--seed", "0"]
+MT10_DISTILL = ["--hidden", "256", "--train-steps", "15000", "--lr", "3e-4", "--seed", "0"]
 
 
 def sh(cmd: list[str], *, log: Path) -> None:
@@ -80,39 +85,37 @@ def vlarl(*args: str) -> list[str]:
 
 
 def build_mt10(log: Path) -> None:
-    if not (MT10_DATA / "metrics.json").is_file():
-        sh(vlarl("collect", "--out", str(MT10_DATA), *MT10_COLLECT), log=log)
-    if not (MT10_RUNS / "bc" / "bc.safetensors").is_file():
-        sh(
-            vlarl(
-                "train-bc", "--data", str(MT10_DATA), "--out", str(MT10_RUNS / "bc"), *MT10_COMMON
-            ),
-            log=log,
-        )
-    if not (MT10_RUNS / "teacher" / "teacher.safetensors").is_file():
+    for folder, args in MT10_COLLECT.items():
+        if not (folder / "metrics.json").is_file():
+            sh(vlarl("collect", "--out", str(folder), *args.split()), log=log)
+    runs = MT10_RUNS
+    if not (runs / "bc" / "bc.safetensors").is_file():
+        sh(vlarl("train-bc", "--data", MT10_DATA, "--out", str(runs / "bc"), *MT10_COMMON), log=log)
+    if not (runs / "teacher" / "teacher.safetensors").is_file():
         sh(
             vlarl(
                 "train-teacher",
                 "--data",
-                str(MT10_DATA),
+                MT10_DATA,
                 "--out",
-                str(MT10_RUNS / "teacher"),
+                str(runs / "teacher"),
                 "--steps",
                 "10",
                 *MT10_COMMON,
             ),
             log=log,
         )
-    if not (MT10_RUNS / "student" / "student.safetensors").is_file():
+    if not (runs / "student" / "student.safetensors").is_file():
+        teacher = str(runs / "teacher" / "teacher.safetensors")
         sh(
             vlarl(
                 "distill",
                 "--teacher",
-                str(MT10_RUNS / "teacher" / "teacher.safetensors"),
+                teacher,
                 "--data",
-                str(MT10_DATA),
+                MT10_DATA,
                 "--out",
-                str(MT10_RUNS / "student"),
+                str(runs / "student"),
                 *MT10_DISTILL,
             ),
             log=log,
@@ -149,17 +152,21 @@ def export_all(runs: Path, prefix: str, log: Path) -> dict[str, Path]:
     return out
 
 
-def evaluate(policy: Path, tasks: str, *, episodes: int, replan: int) -> dict[str, Any]:
+def evaluate(
+    policy: Path, tasks: str, *, episodes: int, replan: int, noise_scale: float = 0.0
+) -> dict[str, Any]:
     from vlarl.learning.evaluate import EvaluateConfig
     from vlarl.learning.evaluate import evaluate as run_eval
 
-    out = policy.parent / f"eval-{policy.stem}-{tasks.replace(',', '+')}-r{replan}.json"
+    tag = f"-noise{noise_scale:g}" if noise_scale else ""
+    out = policy.parent / f"eval-{policy.stem}-{tasks.replace(',', '+')}-r{replan}{tag}.json"
     cfg = EvaluateConfig(
         policy=str(policy),
         tasks=tasks,
         episodes=episodes,
         seed=SEED,
         replan_every=replan,
+        noise_scale=noise_scale,
         out=str(out),
     )
     return run_eval(cfg, quiet=True)
@@ -272,8 +279,9 @@ def main() -> int:
         old = json.loads(args.out.read_text())
         doc["results"].update(old.get("results", {}))
         doc["data"].update(old.get("data", {}))
-        if "replan_sweep" in old:
-            doc["replan_sweep"] = old["replan_sweep"]
+        for key in ("replan_sweep", "ablation_sampled_teacher"):
+            if key in old:
+                doc[key] = old[key]
 
     if not args.skip_pick_place:
         runs = ROOT / "runs" / "default"
@@ -306,6 +314,19 @@ def main() -> int:
                     for r in sweep
                 },
             }
+        # Ablation: the same teacher acting from sampled noise x_0 ~ N(0, I) instead of x_0 = 0.
+        print("evaluating the teacher with sampled x_0 on pick-place-v3 ...", flush=True)
+        sampled = evaluate(
+            runs / "teacher" / "teacher.safetensors",
+            "pick-place-v3",
+            episodes=args.episodes,
+            replan=args.replan_every,
+            noise_scale=1.0,
+        )
+        doc["ablation_sampled_teacher"] = {
+            "model": "single-task teacher checkpoint, K=10, x_0 ~ N(0, I) (PyTorch)",
+            "pick-place-v3": cell(sampled, "pick-place-v3"),
+        }
     if not args.skip_mt10:
         build_mt10(log)
         files = export_all(MT10_RUNS, "mt10", log)
@@ -325,7 +346,7 @@ def main() -> int:
             "per_task": per_task,
             "overall": overall,
         }
-        doc["data"]["mt10"] = data_summary(MT10_DATA)
+        doc["data"]["mt10"] = [data_summary(folder) for folder in MT10_COLLECT]
 
     goals: dict[str, Any] = {}
     settings = []
@@ -335,7 +356,7 @@ def main() -> int:
         settings.append(("mt10", doc["results"]["mt10"]["overall"]))
         settings.append(("mt10:pick-place-v3", doc["results"]["mt10"]["per_task"]["pick-place-v3"]))
     for name, row in settings:
-        t, s, b = (row[m]["success_rate"] for m in MODELS)
+        b, t, s = (row[m]["success_rate"] for m in MODELS)
         goals[name] = {
             "student_over_teacher": s / t if t else float("nan"),
             "student_at_least_95pct_of_teacher": s >= 0.95 * t,

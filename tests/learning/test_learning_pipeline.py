@@ -81,6 +81,8 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                 "20",
                 "--batch-size",
                 "32",
+                "--hidden",
+                "16",
                 "--threads",
                 "1",
                 "--log-every",
@@ -242,11 +244,13 @@ def test_same_seeds_same_results(pipeline: dict[str, Path]) -> None:
                 "--out",
                 str(out),
                 "--parallel",
-                str(1 + i),
+                "2",
             ]
         )
         docs.append(json.loads(out.read_text())["tasks"]["reach-v3"])
     assert docs[0]["per_episode"] == docs[1]["per_episode"]
+    assert docs[0]["per_episode_return"] == docs[1]["per_episode_return"]
+    assert docs[0]["per_episode_return"][0] != docs[0]["per_episode_return"][1]
     assert docs[0]["mean_length_success"] == docs[1]["mean_length_success"] or (
         np.isnan(docs[0]["mean_length_success"]) and np.isnan(docs[1]["mean_length_success"])
     )

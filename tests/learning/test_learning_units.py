@@ -108,6 +108,30 @@ def test_consistency_boundary_condition_and_teacher_initialisation() -> None:
     assert torch.equal(smaller.normalizer.obs_std, teacher.normalizer.obs_std)
 
 
+def test_instruction_standardization_is_part_of_the_model() -> None:
+    torch.manual_seed(5)
+    s = spec("teacher", instr_dim=6)
+    s.instr_norm = True
+    teacher = build_policy(s)
+    assert isinstance(teacher, FlowPolicy)
+    emb = np.random.default_rng(0).normal(0.1, 0.05, (3, 6)).astype(np.float32)
+    teacher.cond.fit_instructions(emb)
+    np.testing.assert_allclose(
+        teacher.cond.instr_std.numpy(), np.maximum(emb.std(0), 1e-2), rtol=1e-5
+    )
+    obs = torch.randn(2, 5)
+    x = torch.zeros(2, 8)
+    # Conditioning on task 0 equals projecting its standardized embedding.
+    cond = teacher.condition(obs, torch.from_numpy(emb[[0, 0]]))
+    z = (torch.from_numpy(emb[0]) - teacher.cond.instr_mean) / teacher.cond.instr_std
+    assert teacher.cond.proj is not None
+    torch.testing.assert_close(cond[:, 5:], teacher.cond.proj(z).expand(2, -1))
+    assert teacher.velocity(x, torch.zeros(2), cond).shape == (2, 8)
+    # A fresh, smaller student takes the teacher's standardization along.
+    student = make_student(teacher, hidden=16, depth=1)
+    assert torch.equal(student.cond.instr_std, teacher.cond.instr_std)
+
+
 def test_teacher_integration_is_euler_on_the_grid() -> None:
     torch.manual_seed(2)
     teacher = build_policy(spec("teacher"))

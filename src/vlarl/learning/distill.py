@@ -58,11 +58,11 @@ class DistillConfig:
         "", "run folder for the student checkpoint, config.json and metrics", required=True
     )
     grid: int = arg(0, "ODE grid intervals for consistency (0 = the teacher's K)")
-    hidden: int = arg(0, "student hidden width (0 = the teacher's; then it starts from it)")
+    hidden: int = arg(256, "student hidden width (0 = the teacher's; then it starts from it)")
     depth: int = arg(0, "student hidden layers (0 = the teacher's)")
     train_steps: int = arg(10_000, "gradient steps")
     batch_size: int = arg(256, "samples per gradient step")
-    lr: float = arg(1e-4, "peak learning rate (AdamW, warm-up then cosine decay)")
+    lr: float = arg(3e-4, "peak learning rate (AdamW, warm-up then cosine decay)")
     weight_decay: float = arg(1e-4, "AdamW weight decay")
     target_ema: float = arg(0.95, "decay of the consistency target network f-")
     ema: float = arg(0.999, "decay of the weight average that is saved")
@@ -88,6 +88,9 @@ def make_student(teacher: FlowPolicy, *, hidden: int, depth: int) -> Consistency
         student.load_state_dict(teacher.state_dict(), strict=True)
     else:
         student.normalizer.load_state_dict(teacher.normalizer.state_dict())
+        if student.cond.instr_norm:
+            student.cond.instr_mean.copy_(teacher.cond.instr_mean)
+            student.cond.instr_std.copy_(teacher.cond.instr_std)
     return student
 
 

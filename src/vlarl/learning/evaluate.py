@@ -5,8 +5,8 @@ Episode ``i`` of every task starts from seed ``seed + i``
 executed with :class:`vlarl.core.chunking.ChunkScheduler`, exactly as the policy node does:
 the first ``replan_every`` actions of each chunk are executed, then the model runs again.
 Episodes are stepped in lockstep groups of ``parallel`` so the model runs batched (batching
-changes speed, not actions). An episode succeeds when the simulator's success flag is raised
-within ``max_steps``. Success rates come with a 95% Wilson score interval.
+changes speed; actions only up to float rounding). An episode succeeds when the simulator's
+success flag is raised within ``max_steps``. Success rates come with a 95% Wilson score interval.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ class TaskResult:
     mean_plan_ms: float
     seeds: list[int]
     per_episode: list[bool]
+    per_episode_return: list[float]  # sum of the simulator's shaped reward (a trajectory check)
 
 
 def evaluate_task(
@@ -98,6 +99,7 @@ def evaluate_task(
     env_pool = [envs.make_env(task) for _ in range(parallel)]
     results: list[bool] = [False] * episodes
     lengths: list[int] = [0] * episodes
+    returns: list[float] = [0.0] * episodes
     plans = 0
     plan_time = 0.0
     try:
@@ -126,8 +128,9 @@ def evaluate_task(
                     if not alive[j]:
                         continue
                     action, _ = scheds[j].next()
-                    next_obs, _, _, truncated, success = envs.step_env(pool[j], action)
+                    next_obs, reward, _, truncated, success = envs.step_env(pool[j], action)
                     obs[j] = next_obs
+                    returns[ids[j]] += reward
                     if success:
                         results[ids[j]] = True
                         lengths[ids[j]] = t + 1
@@ -156,6 +159,7 @@ def evaluate_task(
         mean_plan_ms=1e3 * plan_time / max(1, plans),
         seeds=[seed + i for i in range(episodes)],
         per_episode=results,
+        per_episode_return=[round(r, 6) for r in returns],
     )
 
 

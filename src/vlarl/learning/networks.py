@@ -51,6 +51,7 @@ class PolicySpec:
     obs_kind: str = "state"
     tasks: list[str] = field(default_factory=list)
     control_dt: float = 0.0125
+    instr_norm: bool = False  # standardize instruction embeddings over the training tasks
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,19 +140,43 @@ class TimeFeatures(nn.Module):
 
 
 class Conditioner(nn.Module):
-    """Normalized observation, plus the instruction embedding projected to ``instr_proj``."""
+    """Normalized observation, plus the instruction embedding projected to ``instr_proj``.
+
+    With ``spec.instr_norm`` the embedding is first standardized per dimension over the
+    training tasks' embeddings (buffers, inside the exported graph): sentence embeddings of
+    related instructions ("push the puck ..." / "pick up the puck ...") are close, and
+    standardizing spreads exactly the dimensions in which the tasks differ.
+    """
+
+    instr_mean: Tensor
+    instr_std: Tensor
 
     def __init__(self, spec: PolicySpec) -> None:
         super().__init__()
         self.instr_dim = spec.instr_dim
         self.proj = nn.Linear(spec.instr_dim, spec.instr_proj) if spec.instr_dim > 0 else None
         self.out_dim = spec.obs_dim + (spec.instr_proj if spec.instr_dim > 0 else 0)
+        self.instr_norm = bool(spec.instr_norm and spec.instr_dim > 0)
+        if self.instr_norm:
+            self.register_buffer("instr_mean", torch.zeros(spec.instr_dim))
+            self.register_buffer("instr_std", torch.ones(spec.instr_dim))
+
+    def fit_instructions(self, embeddings: np.ndarray, *, std_floor: float = 1e-2) -> None:
+        """Standardization statistics from the training tasks' embeddings [num_tasks, dim]."""
+        if not self.instr_norm:
+            return
+        mean = embeddings.mean(axis=0, dtype=np.float64)
+        std = np.maximum(embeddings.std(axis=0, dtype=np.float64), std_floor)
+        self.instr_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.instr_std.copy_(torch.as_tensor(std, dtype=torch.float32))
 
     def forward(self, obs_n: Tensor, instruction: Tensor | None) -> Tensor:
         if self.proj is None:
             return obs_n
         if instruction is None:
             raise ValueError("this model is conditioned on a task instruction; none was given")
+        if self.instr_norm:
+            instruction = (instruction - self.instr_mean) / self.instr_std
         return torch.cat([obs_n, self.proj(instruction)], dim=-1)
 
 

@@ -61,6 +61,7 @@ def new_policy(
 ) -> PolicyBase:
     """A fresh policy of ``kind`` sized for ``dataset``, with its normalizer fitted to it."""
     instr_dim = 0 if dataset.instructions is None else int(dataset.instructions.shape[1])
+    multi_task = len(dataset.tasks) > 1
     spec = PolicySpec(
         kind=kind,
         obs_dim=int(dataset.obs.shape[1]),
@@ -75,8 +76,11 @@ def new_policy(
         obs_kind=obs_kind,
         tasks=list(dataset.tasks),
         control_dt=envs.CONTROL_DT,
+        instr_norm=instr_dim > 0 and multi_task,
     )
     policy = build_policy(spec)
+    if dataset.instructions is not None:
+        policy.cond.fit_instructions(dataset.instructions)
     policy.normalizer.fit(
         dataset.obs,
         action_low=-np.ones(spec.action_dim),

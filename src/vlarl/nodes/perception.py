@@ -321,7 +321,7 @@ def main(args: list[str] | None = None) -> None:
     import rclpy
     from rclpy.executors import ExternalShutdownException
 
-    from vlarl.nodes.sim_robot import make_executor, spin
+    from vlarl.ros.executors import make_executor, spin
 
     rclpy.init(args=args)
     node = None

@@ -46,7 +46,7 @@ from vlarl.ros.params import Param, declare  # noqa: E402
 from vlarl.topics import OBSERVATION, POLICY_ACTION, POLICY_STATUS, ROBOT_STATUS  # noqa: E402
 
 DEFAULT_MODEL = "models/pick-place-v3-student.onnx"
-EXECUTORS = ("multi_threaded", "single_threaded")
+EXECUTORS = ("multi_threaded", "single_threaded", "events")
 # Reliable and deep enough to bridge half a second of stall at 200 Hz without losing a tick
 # (stale answers are harmless: safety judges them by their stamp).
 OBS_QOS = QoSProfile(
@@ -89,7 +89,8 @@ PARAMS: tuple[Param, ...] = (
         "executor",
         "multi_threaded",
         "multi_threaded: model loads run beside the control ticks (about twice the CPU per "
-        "tick); single_threaded: cheaper, but a load delays the ticks queued meanwhile",
+        "tick); single_threaded / events (EventsExecutor, cheapest): a load delays the ticks "
+        "queued meanwhile (none is lost)",
         choices=EXECUTORS,
         read_only=True,
     ),
@@ -367,13 +368,18 @@ def main(args: list[str] | None = None) -> int:
     try:
         node = PolicyNode()
         executor: Executor
+        if node.executor_kind == "events":
+            from vlarl.ros.executors import make_executor, spin
+
+            executor = make_executor("events")
+            executor.add_node(node)
+            spin(executor)
+            return 0
         if node.executor_kind == "single_threaded":
             executor = SingleThreadedExecutor()
         else:
             # Two threads: the control group and the default group (parameter services,
             # status), so a model load in a set-parameters call does not block control ticks.
-            # (rclpy's EventsExecutor would be cheaper, but in these Kilted wheels it delivers
-            # no callbacks at all and holds the GIL while spinning.)
             executor = MultiThreadedExecutor(num_threads=2)
         executor.add_node(node)
         executor.spin()

@@ -510,32 +510,10 @@ def _build_node_class() -> type:
     return SimRobotNode
 
 
-def make_executor(kind: str, *, context: Any = None) -> Any:
-    """``events``: rclpy.experimental.EventsExecutor; ``single``: SingleThreadedExecutor."""
-    if kind == "events":
-        from rclpy.experimental import EventsExecutor
-
-        return EventsExecutor(context=context)
-    from rclpy.executors import SingleThreadedExecutor
-
-    return SingleThreadedExecutor(context=context)
-
-
-def spin(executor: Any, *, context: Any = None, period_s: float = 0.2) -> None:
-    """Spin until the context shuts down.
-
-    ``spin_once`` with a timeout, in a loop: in rclpy 9.1 (Kilted wheels) the EventsExecutor's
-    ``spin()`` and ``spin_until_future_complete()`` without a timeout hold the GIL and never run
-    a callback (measured), while ``spin_once(timeout_sec=...)`` works.
-    """
-    import rclpy
-
-    while rclpy.ok(context=context):
-        executor.spin_once(timeout_sec=period_s)
-
-
 def main(args: list[str] | None = None) -> None:
     ensure_local_discovery()
+    from vlarl.ros.executors import make_executor, spin
+
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     import rclpy
     from rclpy.executors import ExternalShutdownException
