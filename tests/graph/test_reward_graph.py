@@ -320,9 +320,11 @@ def test_detector_decides_success_from_real_observations(start: Any, rclpy_conte
     h = Harness(rclpy_context)
     try:
         h.wait_ready(observations=True)
-        # an observation stream that is already running
-        h.obs_pub.publish(_vector(obs[0], stamp_ns=T0_NS - 10**9, frame="state"))
-        time.sleep(0.05)
+        # an observation stream that is already running (several samples, so that under load
+        # the node has seen the stream before the first status of the episode arrives)
+        for i in range(5):
+            h.obs_pub.publish(_vector(obs[0], stamp_ns=T0_NS - (5 - i) * 10**8, frame="state"))
+            time.sleep(0.05)
         h.play(0, obs, stamp0=T0_NS)  # status first, then the observation (as in lockstep)
         h.play(1, near, stamp0=T0_NS + 10**10, truncate_last=True, obs_first=True)
         h.play(2, cut, stamp0=T0_NS + 2 * 10**10, terminal_last=True)

@@ -113,6 +113,7 @@ def expert_for(task: str) -> Any:
 
 
 def expert_action(expert: Any, obs: np.ndarray) -> np.ndarray:
+    # A copy: some experts (door-open-v3) edit the observation they are given in place.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return np.clip(np.asarray(expert.get_action(obs), np.float64), -1.0, 1.0)
+        return np.clip(np.asarray(expert.get_action(obs.copy()), np.float64), -1.0, 1.0)
