@@ -281,3 +281,25 @@ def test_config_dataclasses_become_command_lines() -> None:
     assert "how fast" in parser.format_help()
     with pytest.raises(SystemExit):
         parser.parse_args([])
+
+
+def test_a_run_folder_is_held_by_one_run_at_a_time(tmp_path: Path) -> None:
+    from vlarl.learning.runs import run_folder
+
+    folder = tmp_path / "run"
+    with run_folder(folder, overwrite=False, marker="done") as held:
+        assert (held / ".lock").read_text().strip().isdigit()
+        with (
+            pytest.raises(LearningError, match="in use by another run"),
+            run_folder(folder, overwrite=True, marker="done"),
+        ):
+            pass
+        (held / "done").write_text("x")
+    assert not (folder / ".lock").exists()
+    with (
+        pytest.raises(LearningError, match="exists; pass --overwrite"),
+        run_folder(folder, overwrite=False, marker="done"),
+    ):
+        pass
+    with run_folder(folder, overwrite=True, marker="done"):
+        pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import trange
@@ -22,7 +23,7 @@ from vlarl.learning.runs import (
     add_config_arguments,
     arg,
     config_from_args,
-    prepare_run_dir,
+    run_folder,
     set_seed,
     set_threads,
     write_config,
@@ -47,6 +48,9 @@ class BCConfig:
     out: str = arg("", "run folder for the checkpoint, config.json and metrics", required=True)
     tasks: str = arg("", "tasks to train on ('mt10', names); empty = every task in the data")
     instructions: bool = arg(True, "condition on the task instruction's sentence embedding")
+    episodes: str = arg(
+        "all", "demonstrations to learn from: 'all' or 'success' (reached the goal)"
+    )
     chunk_length: int = arg(8, "actions per predicted chunk (H)")
     hidden: int = arg(512, "hidden width of the MLP")
     depth: int = arg(3, "hidden layers of the MLP")
@@ -69,12 +73,20 @@ def bc_loss(
 
 
 def train(cfg: BCConfig) -> dict[str, object]:
+    with run_folder(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT) as run_dir:
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: BCConfig, run_dir: Path) -> dict[str, object]:
     set_threads(cfg.threads)
     set_seed(cfg.seed)
-    run_dir = prepare_run_dir(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT)
     write_config(run_dir, "train-bc", cfg)
     dataset, replay = load_demonstrations(
-        cfg.data, tasks=cfg.tasks, chunk_length=cfg.chunk_length, use_instructions=cfg.instructions
+        cfg.data,
+        tasks=cfg.tasks,
+        chunk_length=cfg.chunk_length,
+        use_instructions=cfg.instructions,
+        episodes=cfg.episodes,
     )
     policy = new_policy("bc", dataset, hidden=cfg.hidden, depth=cfg.depth, obs_kind=replay.obs_kind)
     assert isinstance(policy, BCPolicy)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -28,7 +29,7 @@ from vlarl.learning.runs import (
     add_config_arguments,
     arg,
     config_from_args,
-    prepare_run_dir,
+    run_folder,
     write_config,
 )
 
@@ -124,7 +125,13 @@ def collect(cfg: CollectConfig) -> dict[str, object]:
     sigmas = parse_sigmas(cfg.sigmas)
     if cfg.episodes < 1:
         raise LearningError("--episodes must be >= 1")
-    out = prepare_run_dir(cfg.out, overwrite=False, marker="metrics.json")
+    with run_folder(cfg.out, overwrite=False, marker="metrics.json") as out:
+        return _collect(cfg, out, tasks, sigmas)
+
+
+def _collect(
+    cfg: CollectConfig, out: Path, tasks: tuple[str, ...], sigmas: list[float]
+) -> dict[str, object]:
     if list_shards(out):
         raise LearningError(f"{out} already holds replay shards; choose a new --out")
     write_config(out, "collect", cfg)

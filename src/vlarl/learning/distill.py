@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import trange
@@ -38,7 +39,7 @@ from vlarl.learning.runs import (
     add_config_arguments,
     arg,
     config_from_args,
-    prepare_run_dir,
+    run_folder,
     set_seed,
     set_threads,
     write_config,
@@ -158,9 +159,13 @@ def teacher_endpoints(
 
 
 def train(cfg: DistillConfig) -> dict[str, object]:
+    with run_folder(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT) as run_dir:
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DistillConfig, run_dir: Path) -> dict[str, object]:
     set_threads(cfg.threads)
     set_seed(cfg.seed)
-    run_dir = prepare_run_dir(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT)
     write_config(run_dir, "distill", cfg)
     ckpt = load_checkpoint(cfg.teacher)
     teacher = ckpt.policy

@@ -19,7 +19,7 @@ import sys
 import time
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -97,13 +97,35 @@ def set_threads(threads: int) -> None:
         torch.set_num_interop_threads(1)
 
 
-def prepare_run_dir(path: str | os.PathLike[str], *, overwrite: bool, marker: str) -> Path:
-    """Create the run folder; refuse to reuse one holding ``marker`` unless ``overwrite``."""
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def run_folder(path: str | os.PathLike[str], *, overwrite: bool, marker: str) -> Iterator[Path]:
+    """Create and hold the run folder for one run.
+
+    Refuses a folder holding ``marker`` (a finished run) unless ``overwrite``, and a folder
+    another run is using (it holds ``.lock`` with that run's process id; delete a stale one).
+    """
     run_dir = Path(path)
     if (run_dir / marker).exists() and not overwrite:
         raise LearningError(f"{run_dir / marker} exists; pass --overwrite or choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    lock = run_dir / LOCK
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner = lock.read_text().strip() if lock.is_file() else "?"
+        raise LearningError(
+            f"{run_dir} is in use by another run (process {owner}); if that run is gone, "
+            f"delete {lock}"
+        ) from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    try:
+        yield run_dir
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def _versions() -> dict[str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from tqdm import trange
@@ -25,7 +26,7 @@ from vlarl.learning.runs import (
     add_config_arguments,
     arg,
     config_from_args,
-    prepare_run_dir,
+    run_folder,
     set_seed,
     set_threads,
     write_config,
@@ -50,6 +51,9 @@ class TeacherConfig:
     out: str = arg("", "run folder for the checkpoint, config.json and metrics", required=True)
     tasks: str = arg("", "tasks to train on ('mt10', names); empty = every task in the data")
     instructions: bool = arg(True, "condition on the task instruction's sentence embedding")
+    episodes: str = arg(
+        "all", "demonstrations to learn from: 'all' or 'success' (reached the goal)"
+    )
     chunk_length: int = arg(8, "actions per predicted chunk (H)")
     steps: int = arg(10, "Euler integration steps K when acting")
     hidden: int = arg(512, "hidden width of the MLP")
@@ -93,12 +97,20 @@ def flow_matching_loss(
 
 
 def train(cfg: TeacherConfig) -> dict[str, object]:
+    with run_folder(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT) as run_dir:
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: TeacherConfig, run_dir: Path) -> dict[str, object]:
     set_threads(cfg.threads)
     set_seed(cfg.seed)
-    run_dir = prepare_run_dir(cfg.out, overwrite=cfg.overwrite, marker=CHECKPOINT)
     write_config(run_dir, "train-teacher", cfg)
     dataset, replay = load_demonstrations(
-        cfg.data, tasks=cfg.tasks, chunk_length=cfg.chunk_length, use_instructions=cfg.instructions
+        cfg.data,
+        tasks=cfg.tasks,
+        chunk_length=cfg.chunk_length,
+        use_instructions=cfg.instructions,
+        episodes=cfg.episodes,
     )
     policy = new_policy(
         "teacher",

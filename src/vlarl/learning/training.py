@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -28,8 +29,13 @@ def load_demonstrations(
     tasks: str,
     chunk_length: int,
     use_instructions: bool,
+    episodes: str = "all",
 ) -> tuple[ChunkDataset, Replay]:
-    """Chunked samples of one or more replay directories (comma-separated)."""
+    """Chunked samples of one or more replay directories (comma-separated).
+
+    ``episodes`` = "success" keeps only the episodes that reached the goal (success-filtered
+    learning from the same demonstrations); "all" keeps everything.
+    """
     dirs = [Path(d.strip()) for d in data.split(",") if d.strip()]
     if not dirs:
         raise LearningError("--data names no replay directory")
@@ -41,11 +47,25 @@ def load_demonstrations(
     lacking = [t for t in chosen if t not in replay.tasks]
     if lacking:
         raise LearningError(f"the replay has no data of {lacking} (it has {list(replay.tasks)})")
+    replay = select_episodes(replay, episodes)
     instructions = task_embeddings(chosen) if use_instructions else None
     dataset = build_chunks(
         replay, chunk_length=chunk_length, tasks=chosen, instructions=instructions
     )
     return dataset, replay
+
+
+def select_episodes(replay: Replay, which: str) -> Replay:
+    """All episodes, or only those with a success (see :func:`load_demonstrations`)."""
+    if which == "all":
+        return replay
+    if which != "success":
+        raise LearningError(f"--episodes must be 'all' or 'success', got {which!r}")
+    data = replay.data
+    good = np.unique(data.episode[data.success == 1])
+    if good.size == 0:
+        raise LearningError("no successful episode in the demonstrations")
+    return dataclasses.replace(replay, data=data.select(np.isin(data.episode, good)))
 
 
 def new_policy(
