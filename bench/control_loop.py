@@ -19,6 +19,7 @@ Writes bench/results/control_loop.json and control_loop_latency.png.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -185,6 +186,8 @@ def main() -> int:
     # rclpy 9.1's EventsExecutor.spin() holds the GIL (the pacing thread would starve).
     executor = SingleThreadedExecutor()
     executor.add_node(node)
+    gc.collect()
+    gc.freeze()  # the harness should not add collector pauses to what it measures
     spinner = threading.Thread(target=executor.spin, daemon=True)
     spinner.start()
     rows = []

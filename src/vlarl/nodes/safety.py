@@ -17,6 +17,8 @@ A thin ROS adapter over :class:`vlarl.core.safety.SafetyFilter`:
 # ruff: noqa: E402 - rclpy must not be imported before discovery is restricted to localhost.
 from __future__ import annotations
 
+import gc
+
 from vlarl.rosenv import ensure_local_discovery
 
 ensure_local_discovery()
@@ -306,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
+        # Start-up objects out of the collector's reach: no multi-ms full collections per tick.
+        gc.collect()
+        gc.freeze()
         try:
             # Not executor.spin(): with rclpy Kilted's EventsExecutor, spin() without a timeout
             # never fires timers (measured); spinning in bounded slices does.

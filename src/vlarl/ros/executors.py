@@ -28,8 +28,17 @@ def make_executor(kind: str, *, context: Any = None) -> Any:
 
 
 def spin(executor: Any, *, context: Any = None, period_s: float = 0.2) -> None:
-    """Spin until the context shuts down (``spin_once`` with a timeout, in a loop)."""
+    """Spin until the context shuts down (``spin_once`` with a timeout, in a loop).
+
+    Start-up objects (models, messages, modules) are moved out of the garbage collector's
+    reach first, so a full collection does not stall a control tick for milliseconds.
+    """
+    import gc
+
     import rclpy
+
+    gc.collect()
+    gc.freeze()
 
     while rclpy.ok(context=context):
         executor.spin_once(timeout_sec=period_s)
