@@ -3,7 +3,7 @@
 # mixed-quality scripted-expert demonstrations -> plain BC (baseline) and flow teacher ->
 # consistency-distilled one-step student -> ONNX (checked against PyTorch) -> 50-episode check.
 # Every stage is a `vlarl` verb; every run folder under runs/default keeps its config.json and
-# metrics next to its checkpoint. Deterministic seeds throughout (CPU; about 1 h on 2 free cores).
+# metrics next to its checkpoint. Deterministic seeds throughout (CPU; 15-20 min on 2 free cores).
 #
 #   scripts/build_default_model.sh            # writes data/default, runs/default, models/
 #   FRESH=1 scripts/build_default_model.sh    # start over (deletes data/default, runs/default)

@@ -317,7 +317,7 @@ def test_observations_in_actions_out(start, harness: Harness, models, tmp_path: 
     assert status["episode_resets"] >= 1
 
 
-@pytest.mark.parametrize("executor", ["events", "multi_threaded", "single_threaded"])
+@pytest.mark.parametrize("executor", ["events", "single_threaded"])
 def test_swap_to_valid_model_misses_no_tick(start, harness: Harness, models, executor: str) -> None:
     """(b) swap mid-stream at 200 Hz: one action per observation, the tag flips once."""
     start(

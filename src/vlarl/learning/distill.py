@@ -13,11 +13,14 @@ observations, with two terms:
    solution from any start.
 2. An endpoint anchor (RL-100-style): for a fraction of the batch, start where the deployed
    policy starts (x_0 = noise_scale * z; zero by default), integrate the teacher's full K steps
-   and regress f(x_0, 0) on the result, so the one point the robot uses is matched directly.
+   and regress f(x_0, 0) on the result, so the one point the robot uses is matched directly
+   (with x_0 = 0 these answers are computed once for every sample before training).
 
-With the student's F initialized from the teacher's velocity field, f starts as one Euler step
-of the teacher (which, from x_0 = 0 at t = 0, is the mean chunk: BC) and distillation moves it to
-the teacher's K-step answer. A smaller student (``--hidden/--depth``) starts fresh instead.
+The student may be smaller than the teacher (default 3x256 against the teacher's 3x512; it
+then starts fresh with the teacher's normalization). With the teacher's size (``--hidden 0``)
+its F starts as the teacher's velocity field, so f starts as one Euler step of the teacher
+(which, from x_0 = 0 at t = 0, is the mean chunk: BC) and distillation moves it to the teacher's
+K-step answer. The student learns on every state of the demonstrations.
 """
 
 from __future__ import annotations
