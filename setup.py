@@ -27,6 +27,8 @@ NODES = {
     "reward": "vlarl.nodes.reward:main",
     "recorder": "vlarl.nodes.recorder:main",
     "visualization": "vlarl.nodes.visualization:main",
+    "bridge": "vlarl.nodes.bridge:main",
+    "learner": "vlarl.nodes.learner:main",
 }
 
 setup(

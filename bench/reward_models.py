@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 # Seeds: training data used 0..2299 (+50000..52100 near-misses) and 20000..25059
-# (+70000..75100); the development held-out sets 10000/30000 (+60000/80000). These are new.
+# (+70000..75100); the development held-out sets 10000/30000 (+60000/80000); the MT10
+# detector's extra near-misses 36000/37000 (+86000..86250/87000..87170). These are new.
 SETS: dict[str, dict[str, Any]] = {
     "pick-place-v3": {
         "tasks": "pick-place-v3", "episodes": 200, "near_misses": 50, "seed": 40000,

@@ -17,7 +17,7 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 from launch_ros.parameter_descriptions import ParameterValue
 
-from vlarl.graph import GRAPH
+from vlarl.graph import GRAPH, LEARNING
 
 SHARE = get_package_share_directory("vlarl")
 
@@ -33,6 +33,7 @@ def generate_launch_description() -> LaunchDescription:
     rviz = LaunchConfiguration("rviz")
     use_sim_time = LaunchConfiguration("use_sim_time")
     mode = LaunchConfiguration("mode")
+    learn = LaunchConfiguration("learn")
     sim_time = ParameterValue(use_sim_time, value_type=bool)
 
     arguments = [
@@ -49,6 +50,11 @@ def generate_launch_description() -> LaunchDescription:
         ),
         DeclareLaunchArgument(
             "mode", default_value="lockstep", description="simulator pacing: lockstep | realtime"
+        ),
+        DeclareLaunchArgument(
+            "learn",
+            default_value="false",
+            description="also start the bag bridge and the residual RL learner",
         ),
         # Network hygiene: stay on this machine unless the user exported another range.
         SetEnvironmentVariable(
@@ -74,6 +80,23 @@ def generate_launch_description() -> LaunchDescription:
                 output="screen",
                 emulate_tty=True,
                 condition=IfCondition(record) if spec.name == "recorder" else None,
+            )
+        )
+
+    for spec in LEARNING:
+        nodes.append(
+            Node(
+                package="vlarl",
+                executable=spec.executable,
+                name=spec.name,
+                parameters=[
+                    _config("common.yaml"),
+                    _config(spec.params_file),
+                    {"use_sim_time": sim_time},
+                ],
+                output="screen",
+                emulate_tty=True,
+                condition=IfCondition(learn),
             )
         )
 

@@ -6,7 +6,7 @@ import ast
 import re
 from pathlib import Path
 
-from vlarl.graph import GRAPH
+from vlarl.graph import GRAPH, LEARNING
 from vlarl.topics import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def test_every_node_has_a_console_script_a_module_and_a_parameter_file() -> None:
     setup = (ROOT / "setup.py").read_text()
-    for spec in GRAPH:
+    for spec in (*GRAPH, *LEARNING):
         assert f'"{spec.name}": "{spec.module}:main"' in setup
         assert (ROOT / "src" / (spec.module.replace(".", "/") + ".py")).is_file(), spec.module
         assert (ROOT / "config" / spec.params_file).is_file(), spec.params_file

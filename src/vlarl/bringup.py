@@ -19,7 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vlarl.graph import GRAPH, RunningNode, free_domain_id, package_root, start_node, stop_all
+from vlarl.graph import (
+    GRAPH,
+    LEARNING,
+    RunningNode,
+    free_domain_id,
+    package_root,
+    start_node,
+    stop_all,
+)
 from vlarl.rosenv import ensure_local_discovery
 
 DEFAULT_TASK = "pick-place-v3"
@@ -35,6 +43,7 @@ class EpisodeResult:
     steps: int
     episode_return: float
     wall_s: float
+    residual: str = ""  # residual version acting when the episode ended ("" = base alone)
 
 
 @dataclass
@@ -53,6 +62,7 @@ class BringupResult:
     bag_messages: int | None = None
     bag_topics: dict[str, int] | None = None
     safety: dict[str, Any] | None = None
+    learner: dict[str, Any] | None = None  # last learner/status (with --learn)
     machine: dict[str, Any] = field(default_factory=dict)
     created: str = ""
 
@@ -88,6 +98,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--results", default="bench/results/bringup.json", help="where to write the JSON figures"
     )
     parser.add_argument("--log-dir", default=None, help="node logs (default: runs/bringup-<time>)")
+    parser.add_argument(
+        "--learn",
+        action="store_true",
+        help="also run the self-improvement loop: bridge (bags -> replay) and learner "
+        "(replay -> residual SAC/RLPD -> policy_weights), each its own process",
+    )
+    parser.add_argument(
+        "--action-offset",
+        default="0,0,0,0",
+        help="deployment shift of the simulated robot: it executes clip(command + offset)",
+    )
+    parser.add_argument(
+        "--replay-dir",
+        default=None,
+        help="--learn: replay folder (default: runs/bringup-<time>/replay)",
+    )
+    parser.add_argument(
+        "--learner-checkpoint",
+        default=None,
+        help="--learn: learner checkpoint "
+        "(resumed if it exists; default: runs/bringup-<time>/learner.safetensors)",
+    )
+    parser.add_argument(
+        "--split-s",
+        type=float,
+        default=None,
+        help="recorder split duration "
+        "(default: the config's; 10 s with --learn, so the learner sees data soon)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -107,19 +146,48 @@ def run(args: argparse.Namespace) -> int:
     if not Path(model).exists() and (package_root() / model).exists():
         model = str(package_root() / model)
 
+    try:
+        offset = [float(v) for v in args.action_offset.split(",")]
+    except ValueError:
+        raise SystemExit(
+            f"--action-offset: 4 comma-separated numbers, got {args.action_offset!r}"
+        ) from None
+    if len(offset) != 4:
+        raise SystemExit(f"--action-offset: 4 numbers, got {args.action_offset!r}")
     overrides: dict[str, dict[str, Any]] = {
         "sim_robot": {
             "task": args.task,
             "seed": args.seed,
             "mode": args.mode,
             "max_episode_steps": args.max_episode_steps,
+            "action_offset": offset,
         },
         "policy": {"model": model, "task": args.task},
         "recorder": {"output_dir": str(bag_dir), "bag_name": bag_name},
     }
+    if args.split_s is not None or args.learn:
+        overrides["recorder"]["split_duration_s"] = float(args.split_s or 10.0)
+    if args.learn:
+        if not args.record:
+            raise SystemExit("--learn needs the recording (the bags are the learner's data)")
+        replay = Path(args.replay_dir) if args.replay_dir else log_dir / "replay"
+        checkpoint = (
+            Path(args.learner_checkpoint)
+            if args.learner_checkpoint
+            else log_dir / "learner.safetensors"
+        )
+        overrides["policy"]["residual_noise_std"] = 0.05
+        overrides["bridge"] = {"bag_dir": str(bag_dir / bag_name), "replay_dir": str(replay)}
+        overrides["learner"] = {
+            "base_model": model,
+            "replay_dir": str(replay),
+            "checkpoint": str(checkpoint),
+        }
     if args.camera_rate is not None:
         overrides["sim_robot"]["camera_rate_hz"] = float(args.camera_rate)
     names = [spec.name for spec in GRAPH if args.record or spec.name != "recorder"]
+    if args.learn:
+        names += [spec.name for spec in LEARNING]
 
     print(f"vlarl bringup: task {args.task}, model {model}, {args.episodes} episodes")
     print(f"  ROS_DOMAIN_ID={domain_id} (export it to watch with ros2 / rviz); logs in {log_dir}")
@@ -195,6 +263,7 @@ def _supervise(
         "episode_start": time.monotonic(),
     }
     episodes: list[EpisodeResult] = []
+    acting = {"residual": "", "learner": None}
 
     def on_status(msg: JointState) -> None:
         if len(msg.position) != len(status_index):
@@ -221,15 +290,24 @@ def _supervise(
             steps=int(info.get("steps", 0)),
             episode_return=float(info.get("return", 0.0)),
             wall_s=round(now - state["episode_start"], 3),
+            residual=acting["residual"],
         )
         state["episode_start"] = now
         episodes.append(ep)
         verdict = "success" if ep.success else "failure"
         print(
             f"  episode {len(episodes):3d}/{args.episodes}: {verdict:7s} in {ep.steps:3d} steps "
-            f"({ep.wall_s:.2f} s)",
+            f"({ep.wall_s:.2f} s)" + (f" with {ep.residual}" if ep.residual else ""),
             flush=True,
         )
+
+    def on_policy(msg: String) -> None:
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            acting["residual"] = str(json.loads(msg.data).get("residual", ""))
+
+    def on_learner(msg: String) -> None:
+        with contextlib.suppress(json.JSONDecodeError):
+            acting["learner"] = json.loads(msg.data)
 
     def on_safety(msg: String) -> None:
         with contextlib.suppress(json.JSONDecodeError):
@@ -239,6 +317,8 @@ def _supervise(
     node.create_subscription(JointState, topics.ROBOT_STATUS, on_status, qos)
     node.create_subscription(String, topics.EPISODE, on_episode, 50)
     node.create_subscription(String, topics.SAFETY_STATUS, on_safety, 10)
+    node.create_subscription(String, topics.POLICY_STATUS, on_policy, 10)
+    node.create_subscription(String, topics.LEARNER_STATUS, on_learner, 10)
     reset = node.create_client(Trigger, topics.SIM_RESET)
 
     deadline = time.monotonic() + args.timeout
@@ -282,6 +362,7 @@ def _supervise(
         while time.monotonic() < until:
             executor.spin_once(timeout_sec=0.05)
         result.safety = state["safety"]
+        result.learner = acting["learner"]
         print(
             f"success: {sum(e.success for e in episodes)}/{len(episodes)} "
             f"({100 * result.success_rate:.0f}%), control rate {result.control_rate_hz:.0f} Hz "

@@ -17,6 +17,7 @@ from vlarl.rosenv import ensure_local_discovery
 VERBS: dict[str, tuple[str, str]] = {
     "bringup": ("vlarl.bringup", "run the whole node graph on the embedded robot and record it"),
     "topics": ("vlarl.topics_cli", "print the topic table (markdown)"),
+    "bridge": ("vlarl.bag.bridge_cli", "rosbag2 bags -> replay shards (batch, or --follow live)"),
     "collect": ("vlarl.learning.collect", "collect (noisy) scripted-expert demos into a replay"),
     "train-bc": ("vlarl.learning.bc", "train a plain BC policy (MLP regressor of action chunks)"),
     "train-teacher": ("vlarl.learning.teacher", "train the rectified-flow teacher (action chunks)"),
@@ -32,6 +33,10 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "train-detector": ("vlarl.rewardmodels.cli_train_detector", "train the success detector"),
     "train-progress": ("vlarl.rewardmodels.cli_train_progress", "train the steps-to-go model"),
+    "train-residual": (
+        "vlarl.learning.train_residual",
+        "residual RL (PLD + RLPD) on the base policy, in-process on Meta-World",
+    ),
     "eval-reward": (
         "vlarl.rewardmodels.cli_eval_reward",
         "evaluate a success detector / progress model on held-out episodes",

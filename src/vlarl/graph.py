@@ -48,7 +48,13 @@ GRAPH: tuple[NodeSpec, ...] = (
     NodeSpec("recorder", "vlarl.nodes.recorder", "control-path topics -> rosbag2 (mcap)"),
     NodeSpec("visualization", "vlarl.nodes.visualization", "MarkerArray for RViz"),
 )
-NODES_BY_NAME = {spec.name: spec for spec in GRAPH}
+# The self-improvement loop, started on request (``vlarl bringup --learn``, ``learn:=true``);
+# the learner can as well run on another machine of the same ROS 2 network.
+LEARNING: tuple[NodeSpec, ...] = (
+    NodeSpec("bridge", "vlarl.nodes.bridge", "closed bag splits -> replay shards (live)"),
+    NodeSpec("learner", "vlarl.nodes.learner", "replay -> residual SAC/RLPD -> policy_weights"),
+)
+NODES_BY_NAME = {spec.name: spec for spec in (*GRAPH, *LEARNING)}
 
 
 def package_root() -> Path:

@@ -54,6 +54,8 @@ EPISODE = "reward/episode"
 HUMAN_LABEL = "reward/human_label"
 TELEOP = "teleop/twist"
 POLICY_WEIGHTS = "policy_weights"
+LEARNER_STATUS = "learner/status"
+BRIDGE_STATUS = "bridge/status"
 MARKERS = "visualization/markers"
 
 # Services
@@ -129,7 +131,8 @@ TOPICS: tuple[TopicSpec, ...] = (
         "status_rate_hz (1)",
         "JSON: active model tag, path, providers, task, replan_every, residual tag, counters "
         "(ticks, published, dropped = malformed + failed + no_model, plans, swaps, refused), "
-        "last_refusal",
+        "last_refusal; residual weights: residual_version, residual_history, weights_received "
+        "/ accepted / refused, last_weight_refusal",
     ),
     TopicSpec(
         COMMAND,
@@ -176,11 +179,29 @@ TOPICS: tuple[TopicSpec, ...] = (
         "linear = delta xyz, angular.z = gripper; overrides the policy through safety",
     ),
     TopicSpec(
+        BRIDGE_STATUS,
+        "std_msgs/String",
+        "bridge",
+        "status_rate_hz (1)",
+        "JSON: shards and rows written, poll errors, the cumulative bridge report (messages per "
+        "topic, splits, bad splits with their error, dropped rows by reason)",
+    ),
+    TopicSpec(
+        LEARNER_STATUS,
+        "std_msgs/String",
+        "learner",
+        "status_rate_hz (1)",
+        "JSON: transitions ingested, buffers, updates, version / deployed version, residual "
+        "scale, published / gated candidates, recent success, episodes and successes per tag",
+    ),
+    TopicSpec(
         POLICY_WEIGHTS,
         "std_msgs/UInt8MultiArray",
         "learner",
         "per accepted update",
-        "safetensors blob; header metadata: model id, version, parent version, digest",
+        "safetensors blob of the residual actor (vlarl.core.weights, format vlarl.residual/1): "
+        "tensors layer{i}.weight/bias; metadata model_id, version, parent, base, dims, scale, "
+        "extra, digest; QoS reliable, transient local, depth 1 (late joiners get the latest)",
     ),
     TopicSpec(
         MARKERS,

@@ -160,7 +160,7 @@ class Harness:
             self.status_pub.publish(_vector(status, stamp_ns=stamp, names=ROBOT_STATUS_FIELDS))
             if obs is not None and not obs_first:
                 self.obs_pub.publish(_vector(obs[k], stamp_ns=stamp, frame="state"))
-            time.sleep(0.002)
+            time.sleep(0.004)
         return stamps
 
     def rewards_of(self, episode: int) -> list[dict[str, float]]:

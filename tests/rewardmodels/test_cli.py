@@ -16,12 +16,18 @@ def test_train_and_evaluate_verbs(reward_replay: Path, tmp_path: Path) -> None:
     det = tmp_path / "det.onnx"
     prog = tmp_path / "prog.onnx"
     tiny = ["--steps", "30", "--batch", "64", "--hidden", "32"]
-    assert main(["train-detector", "--data", str(reward_replay), "--out", str(det), *tiny]) == 0
+    cal = ["--calibration", str(reward_replay), "--rings", "auto"]
+    assert (
+        main(["train-detector", "--data", str(reward_replay), "--out", str(det), *tiny, *cal]) == 0
+    )
     assert main(["train-progress", "--data", str(reward_replay), "--out", str(prog), *tiny]) == 0
     assert SuccessDetector.load(det).metadata.model_id == "pick-place-v3-success-detector"
     assert ProgressModel.load(prog).metadata.model_id == "pick-place-v3-progress"
     report = json.loads((tmp_path / "det.train.json").read_text())
     assert report["episodes"]["pick-place-v3"]["episodes"] == 6
+    assert report["report"]["calibration_only_episodes"] == 6
+    assert report["calibration_episodes"]["pick-place-v3"]["episodes"] == 6
+    assert len(SuccessDetector.load(det).metadata.normalization["rings"]) == 23
     out = tmp_path / "eval"
     args = ["eval-reward", "--data", str(reward_replay), "--detector", str(det)]
     assert main([*args, "--progress", str(prog), "--out", str(out)]) == 0

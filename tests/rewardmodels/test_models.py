@@ -173,3 +173,39 @@ def test_multi_task_detector_carries_instructions_and_per_task_thresholds(
     assert SuccessDetector.load(tmp_path / "mt.onnx", threshold=0.6).threshold_for("push-v3") == 0.6
     with pytest.raises(RewardModelError, match="does not know task"):
         det.probabilities(ep.obs, task="reach-v3")
+
+
+def test_calibration_episodes_choose_the_threshold_but_do_not_train(tiny_models: Any) -> None:
+    """Hard negatives given for calibration only: the threshold is chosen with them in view
+    (copies of successes relabelled as failures make firing on them cost), and the report
+    counts them apart from the validation share."""
+    from dataclasses import replace
+
+    eps = tiny_models.episodes
+    fakes = [replace(e, episode=1000 + i, success_step=None) for i, e in enumerate(eps)]
+    other = [replace(eps[0], task="push-v3")]  # a task the model does not know: skipped
+    cfg = DetectorConfig(window=2, pre_steps=1, debounce=2, hidden=32, steps=40, batch=128,
+                         eval_every=20)  # fmt: skip
+    plain = train_detector(eps, cfg)
+    hard = train_detector(eps, cfg, calibration=[*fakes, *other])
+    assert hard.report["calibration_only_episodes"] == len(fakes)
+    assert hard.report["val_episodes"] == plain.report["val_episodes"]
+    calib = hard.report["calibration"]
+    assert calib["val_episodes"] == plain.report["val_episodes"] + len(fakes)
+    from vlarl.rewardmodels.detector import first_fire
+    from vlarl.rewardmodels.nets import predict
+
+    # they do not train: the same network (same seed, same data) scores the same windows
+    w = windows_of(eps[0].obs, 2)
+    np.testing.assert_allclose(predict(plain.head, w, None), predict(hard.head, w, None), atol=1e-6)
+    # the reported false successes include every fake that fires at the chosen threshold
+    fired = sum(
+        first_fire(
+            predict(hard.head, windows_of(e.obs, 2), None),
+            threshold=hard.threshold,
+            debounce=2,
+        )
+        is not None
+        for e in fakes
+    )
+    assert calib["val_false_success_in_failed"] >= fired

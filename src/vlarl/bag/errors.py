@@ -24,3 +24,8 @@ class UnknownTopicError(BagError, KeyError):
 
 class MetadataError(BagError, ValueError):
     """A metadata.yaml that rosbag2 would not accept."""
+
+
+class BridgeError(BagError):
+    """The bag bridge cannot go on as asked (a replay directory it does not own, a ledger that
+    cannot be read or was built with other settings, no bag at a path)."""

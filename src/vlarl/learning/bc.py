@@ -48,6 +48,9 @@ class BCConfig:
     out: str = arg("", "run folder for the checkpoint, config.json and metrics", required=True)
     tasks: str = arg("", "tasks to train on ('mt10', names); empty = every task in the data")
     instructions: bool = arg(True, "condition on the task instruction's sentence embedding")
+    task_norm: bool = arg(
+        False, "standardize observations per task (the instruction picks the statistics)"
+    )
     episodes: str = arg(
         "all", "demonstrations to learn from: 'all' or 'success' (reached the goal)"
     )
@@ -88,7 +91,14 @@ def _train(cfg: BCConfig, run_dir: Path) -> dict[str, object]:
         use_instructions=cfg.instructions,
         episodes=cfg.episodes,
     )
-    policy = new_policy("bc", dataset, hidden=cfg.hidden, depth=cfg.depth, obs_kind=replay.obs_kind)
+    policy = new_policy(
+        "bc",
+        dataset,
+        hidden=cfg.hidden,
+        depth=cfg.depth,
+        obs_kind=replay.obs_kind,
+        task_norm=cfg.task_norm,
+    )
     assert isinstance(policy, BCPolicy)
     policy.train()
     ema = EMA(policy, cfg.ema)

@@ -95,6 +95,8 @@ def make_student(teacher: FlowPolicy, *, hidden: int, depth: int) -> Consistency
         if student.cond.instr_norm:
             student.cond.instr_mean.copy_(teacher.cond.instr_mean)
             student.cond.instr_std.copy_(teacher.cond.instr_std)
+        if student.task_norm is not None and teacher.task_norm is not None:
+            student.task_norm.load_state_dict(teacher.task_norm.state_dict())
     return student
 
 

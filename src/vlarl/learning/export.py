@@ -81,6 +81,8 @@ class _ObsInstruction(nn.Module):
 def metadata_for(ckpt: Checkpoint, *, model_id: str, version: int, steps: int) -> ModelMetadata:
     spec = ckpt.spec
     normalization: dict[str, Any] = dict(ckpt.policy.normalizer.to_json())
+    if ckpt.policy.task_norm is not None:  # the graph uses these, not the global statistics
+        normalization["per_task"] = ckpt.policy.task_norm.to_json(list(ckpt.tasks))
     if spec.kind == "teacher":
         normalization["integration_steps"] = steps
     return ModelMetadata(

@@ -52,6 +52,7 @@ class PolicySpec:
     tasks: list[str] = field(default_factory=list)
     control_dt: float = 0.0125
     instr_norm: bool = False  # standardize instruction embeddings over the training tasks
+    task_norm: bool = False  # standardize observations per task (task chosen by the instruction)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,6 +110,76 @@ class Normalizer(nn.Module):
             "obs_std": [float(x) for x in self.obs_std],
             "action_low": [float(x) for x in self.action_low],
             "action_high": [float(x) for x in self.action_high],
+        }
+
+
+class TaskObsNorm(nn.Module):
+    """Per-task observation standardization; the task is the one whose instruction is nearest.
+
+    Multi-task data standardized with one set of statistics squashes what matters inside one
+    task: MT10's goal positions spread over the whole workspace, so reach-v3's goal (a 10 cm
+    box) spans a sixth of the range it has on its own. Here every training task keeps its own
+    mean and std, and the row is picked inside the graph by the nearest stored instruction
+    embedding (squared distance, exact ties impossible for distinct tasks), so the exported
+    model's inputs stay (obs, instruction). Each task's std is floored at ``floor`` times the
+    global std (and ``std_floor``), so a dimension that barely varies in one task's data cannot
+    blow up outside it.
+    """
+
+    keys: Tensor
+    key_sq: Tensor
+    mean: Tensor
+    std: Tensor
+
+    def __init__(self, num_tasks: int, obs_dim: int, instr_dim: int) -> None:
+        super().__init__()
+        self.register_buffer("keys", torch.zeros(num_tasks, instr_dim))
+        self.register_buffer("key_sq", torch.zeros(num_tasks))
+        self.register_buffer("mean", torch.zeros(num_tasks, obs_dim))
+        self.register_buffer("std", torch.ones(num_tasks, obs_dim))
+
+    def fit(
+        self,
+        obs: np.ndarray,
+        task: np.ndarray,
+        embeddings: np.ndarray,
+        *,
+        floor: float = 0.1,
+        std_floor: float = 1e-2,
+    ) -> None:
+        """Statistics of ``obs`` rows per task index ``task``; ``embeddings`` [num_tasks, dim]."""
+        if embeddings.shape[0] != self.mean.shape[0]:
+            raise ValueError("one instruction embedding per task is needed")
+        global_std = obs.std(axis=0, dtype=np.float64)
+        for i in range(self.mean.shape[0]):
+            rows = obs[task == i]
+            if rows.shape[0] == 0:
+                raise ValueError(f"no observations of task index {i}")
+            mean = rows.mean(axis=0, dtype=np.float64)
+            std = np.maximum(rows.std(axis=0, dtype=np.float64), floor * global_std)
+            self.mean[i] = torch.as_tensor(mean, dtype=torch.float32)
+            self.std[i] = torch.as_tensor(np.maximum(std, std_floor), dtype=torch.float32)
+        keys = torch.as_tensor(np.asarray(embeddings, np.float32))
+        self.keys.copy_(keys)
+        self.key_sq.copy_((keys * keys).sum(dim=1))
+
+    def weights(self, instruction: Tensor) -> Tensor:
+        """One-hot [B, num_tasks] of the nearest stored instruction."""
+        dist = self.key_sq[None, :] - 2.0 * instruction @ self.keys.T  # + |instr|^2, same per row
+        hit = (dist <= dist.min(dim=1, keepdim=True).values).to(instruction.dtype)
+        return hit / hit.sum(dim=1, keepdim=True)
+
+    def forward(self, obs: Tensor, instruction: Tensor) -> Tensor:
+        w = self.weights(instruction)
+        return ((obs - w @ self.mean) / (w @ self.std)).clamp(-OBS_CLIP, OBS_CLIP)
+
+    def to_json(self, tasks: list[str]) -> dict[str, dict[str, list[float]]]:
+        return {
+            t: {
+                "obs_mean": [float(x) for x in self.mean[i]],
+                "obs_std": [float(x) for x in self.std[i]],
+            }
+            for i, t in enumerate(tasks)
         }
 
 
@@ -189,9 +260,22 @@ class PolicyBase(nn.Module):
         self.flat = spec.chunk_length * spec.action_dim
         self.normalizer = Normalizer(spec.obs_dim, spec.action_dim)
         self.cond = Conditioner(spec)
+        self.task_norm: TaskObsNorm | None = None
+        if spec.task_norm:
+            if spec.instr_dim <= 0 or not spec.tasks:
+                raise ValueError("per-task normalization needs instruction conditioning and tasks")
+            self.task_norm = TaskObsNorm(len(spec.tasks), spec.obs_dim, spec.instr_dim)
+
+    def norm_obs(self, obs: Tensor, instruction: Tensor | None) -> Tensor:
+        """Standardized observations: per task (``spec.task_norm``) or with global statistics."""
+        if self.task_norm is None:
+            return self.normalizer.norm_obs(obs)
+        if instruction is None:
+            raise ValueError("this model is conditioned on a task instruction; none was given")
+        return self.task_norm(obs, instruction)
 
     def condition(self, obs: Tensor, instruction: Tensor | None) -> Tensor:
-        return self.cond(self.normalizer.norm_obs(obs), instruction)
+        return self.cond(self.norm_obs(obs, instruction), instruction)
 
     def to_chunk(self, x_norm: Tensor) -> Tensor:
         chunk = x_norm.reshape(-1, self.spec.chunk_length, self.spec.action_dim)

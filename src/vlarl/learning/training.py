@@ -78,6 +78,7 @@ def new_policy(
     steps: int = 10,
     instr_proj: int = 64,
     time_features: int = 16,
+    task_norm: bool = False,
 ) -> PolicyBase:
     """A fresh policy of ``kind`` sized for ``dataset``, with its normalizer fitted to it."""
     instr_dim = 0 if dataset.instructions is None else int(dataset.instructions.shape[1])
@@ -97,10 +98,15 @@ def new_policy(
         tasks=list(dataset.tasks),
         control_dt=envs.CONTROL_DT,
         instr_norm=instr_dim > 0 and multi_task,
+        task_norm=task_norm,
     )
+    if task_norm and instr_dim == 0:
+        raise LearningError("--task-norm needs instruction conditioning (--instructions)")
     policy = build_policy(spec)
     if dataset.instructions is not None:
         policy.cond.fit_instructions(dataset.instructions)
+    if policy.task_norm is not None and dataset.instructions is not None:
+        policy.task_norm.fit(dataset.obs, dataset.task, dataset.instructions)
     policy.normalizer.fit(
         dataset.obs,
         action_low=-np.ones(spec.action_dim),

@@ -6,20 +6,32 @@ in ``effort`` (point 0 only; later points are planned without one), the observat
 and ``frame_id`` = ``model_id@version`` (+ ``+residual@version`` when a residual is installed).
 
 ``ros2 param set /policy model <path>`` loads and validates the new file inside the
-set-parameters callback, which runs in its own callback group of a multi-threaded executor, so
-control ticks go on while it loads. A refused file (missing, corrupt, contract-breaking) is
+set-parameters callback, which runs between two control ticks (the executor is single-threaded:
+observations that arrive meanwhile wait in the node's queue, none is lost; a load takes about
+15-50 ms). A refused file (missing, corrupt, contract-breaking) is
 answered with the reason and the running policy keeps control; an accepted one is staged and
 the next control tick switches to it (one reference swap between two ticks). Changing ``task``,
 ``replan_every``, ``providers`` or ``intra_op_threads`` goes through the same path.
 
 Malformed observations (wrong length, non-finite) and non-finite model output are counted and
 answered with nothing: the safety node's watchdog then holds the robot.
+
+Residual weights arrive on ``policy_weights`` (std_msgs/UInt8MultiArray, a safetensors blob, see
+:mod:`vlarl.core.weights`; reliable + transient local, so a restarted node gets the latest blob).
+They are decoded, verified (digest, format, shapes), checked against the running base and the
+latest accepted version (same model id, strictly newer), built into an actor and probed in the
+default callback group, never on the control path; the control tick then installs the staged
+actor between two ticks (one reference swap). A refused blob is counted with its reason and the
+previous residual keeps acting. The last accepted versions stay loaded: ``residual_version``
+= N rolls back to (pins) version N, 0 runs the zero residual, -1 follows the newest. When the
+base model is swapped, a residual trained against another base is dropped (zero residual).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,22 +43,43 @@ ensure_local_discovery()  # before rclpy is imported anywhere in this process
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
 from rclpy.node import Node  # noqa: E402
-from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
-from std_msgs.msg import String  # noqa: E402
+from std_msgs.msg import String, UInt8MultiArray  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from vlarl.contract import ContractError  # noqa: E402
 from vlarl.core.chunking import ChunkScheduler  # noqa: E402
 from vlarl.core.onnx_policy import PROVIDER_REQUESTS, OnnxPolicy  # noqa: E402
-from vlarl.core.residual import ResidualError, ResidualSlot  # noqa: E402
+from vlarl.core.residual import MLPResidual, ResidualError, ResidualSlot  # noqa: E402
+from vlarl.core.weights import (  # noqa: E402
+    ResidualWeights,
+    WeightError,
+    check_compatible,
+    decode_residual,
+)
 from vlarl.graph import resolve_model_path  # noqa: E402
-from vlarl.ros.msgs import MessageError, action_chunk_msg, stamp_to_ns, vector_from_msg  # noqa: E402
+from vlarl.ros.msgs import (  # noqa: E402
+    ActionChunkWriter,
+    MessageError,
+    stamp_to_ns,
+    vector_from_msg,
+)
 from vlarl.ros.params import Param, declare  # noqa: E402
-from vlarl.topics import OBSERVATION, POLICY_ACTION, POLICY_STATUS, ROBOT_STATUS  # noqa: E402
+from vlarl.ros.realtime import MAX_PRIORITY, current_policy, set_realtime_priority  # noqa: E402
+from vlarl.topics import (  # noqa: E402
+    OBSERVATION,
+    POLICY_ACTION,
+    POLICY_STATUS,
+    POLICY_WEIGHTS,
+    ROBOT_STATUS,
+)
 
 DEFAULT_MODEL = "models/pick-place-v3-student.onnx"
-EXECUTORS = ("multi_threaded", "single_threaded", "events")
+# rclpy's MultiThreadedExecutor is not offered: its dispatch fell hundreds of milliseconds behind
+# at 200 Hz (GIL contention between its wait loop and the worker threads), so the observation
+# queue overflowed and ~150 consecutive ticks were lost (bench/control_loop.py, swap test).
+EXECUTORS = ("single_threaded", "events")
 # Reliable and deep enough to bridge half a second of stall at 200 Hz without losing a tick
 # (stale answers are harmless: safety judges them by their stamp).
 OBS_QOS = QoSProfile(
@@ -55,6 +88,14 @@ OBS_QOS = QoSProfile(
 ACTION_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST, depth=50, reliability=ReliabilityPolicy.RELIABLE
 )
+# The learner's latest blob, kept by its publisher for late joiners (a restarted policy node).
+WEIGHTS_QOS = QoSProfile(
+    history=HistoryPolicy.KEEP_LAST,
+    depth=1,
+    reliability=ReliabilityPolicy.RELIABLE,
+    durability=DurabilityPolicy.TRANSIENT_LOCAL,
+)
+RESIDUAL_HISTORY = 5  # accepted residual versions kept loaded for rollback
 
 PARAMS: tuple[Param, ...] = (
     Param(
@@ -84,14 +125,40 @@ PARAMS: tuple[Param, ...] = (
         "drop the current chunk and re-plan at the first observation of a new episode "
         "(episode boundaries from robot/status)",
     ),
+    Param(
+        "residual_version",
+        -1,
+        "residual actor from policy_weights: -1 = follow the newest accepted blob, 0 = zero "
+        "residual, N = roll back to / pin accepted version N (refused unless N is among the "
+        f"last {RESIDUAL_HISTORY} accepted)",
+        low=-1,
+        high=2**62,
+    ),
+    Param(
+        "residual_noise_std",
+        0.0,
+        "exploration while learning: Gaussian noise of this std added to an active residual "
+        "(the noisy residual is what goes out, is recorded and is learned from; safety still "
+        "clamps it to +-delta); 0 = deterministic",
+        low=0.0,
+        high=1.0,
+    ),
     Param("status_rate_hz", 1.0, "rate of the JSON status message", low=0.1, high=50.0),
     Param(
         "executor",
-        "multi_threaded",
-        "multi_threaded: model loads run beside the control ticks (about twice the CPU per "
-        "tick); single_threaded / events (EventsExecutor, cheapest): a load delays the ticks "
-        "queued meanwhile (none is lost)",
+        "events",
+        "events (rclpy EventsExecutor: cheapest and lowest latency) or single_threaded; with "
+        "either, a model load delays the ticks queued meanwhile (none is lost)",
         choices=EXECUTORS,
+        read_only=True,
+    ),
+    Param(
+        "realtime_priority",
+        0,
+        "SCHED_FIFO priority of this process (0 = normal scheduling); needs CAP_SYS_NICE or an "
+        "rtprio limit, else a warning and normal scheduling",
+        low=0,
+        high=MAX_PRIORITY,
         read_only=True,
     ),
 )
@@ -168,6 +235,17 @@ def build_runtime(
     )
 
 
+@dataclass(frozen=True, eq=False)
+class ResidualChoice:
+    """The residual the control path should run (``weights`` None: the zero residual)."""
+
+    weights: ResidualWeights | None = None
+    actor: MLPResidual | None = None
+
+
+ZERO_RESIDUAL = ResidualChoice()
+
+
 class PolicyNode(Node):
     """The policy node (see the module docstring)."""
 
@@ -190,11 +268,26 @@ class PolicyNode(Node):
         self._episode_start_ns = 0
         self._reset_done_ns = 0
         self._last_episode: float | None = None
+        # Residual weights: written in the default callback group (weights + parameters), the
+        # choice is picked up by the control thread between two ticks.
+        self._history: dict[int, tuple[ResidualWeights, MLPResidual]] = {}  # oldest first
+        self._latest: ResidualWeights | None = None  # newest accepted (version order)
+        self._residual_staged: ResidualChoice = ZERO_RESIDUAL
+        self._residual_active: ResidualChoice = ZERO_RESIDUAL  # control thread only
+        self.weights_received = 0
+        self.weights_accepted = 0
+        self.weights_refused = 0
+        self.last_weight_refusal = ""
+        self.weight_prepare_ms = 0.0
+        self.residual_swaps = 0
 
         self._config = declare(self, PARAMS, self._on_change)
         self._config = dict(self._config)
         self._reset_on_episode = bool(self._config["reset_on_episode"])
+        self._noise_std = float(self._config["residual_noise_std"])
+        self._noise_rng = np.random.default_rng()
         self.executor_kind = str(self._config["executor"])
+        self.realtime_priority = int(self._config["realtime_priority"])
         try:
             self._staged = build_runtime(self._config)
         except (ContractError, ValueError) as exc:
@@ -212,33 +305,79 @@ class PolicyNode(Node):
 
         control = MutuallyExclusiveCallbackGroup()
         self._pub = self.create_publisher(JointTrajectory, POLICY_ACTION, ACTION_QOS)
+        self._action_writer = ActionChunkWriter()  # one reused message: no per-tick allocation
         self.create_subscription(
             JointState, OBSERVATION, self._on_observation, OBS_QOS, callback_group=control
         )
         self.create_subscription(
             JointState, ROBOT_STATUS, self._on_robot_status, OBS_QOS, callback_group=control
         )
+        self._residual_mode = int(self._config["residual_version"])
+        # Not the control group: decoding and probing a blob runs between two ticks (the
+        # executor is single-threaded), about a millisecond for a 2x256 actor.
+        self.create_subscription(
+            UInt8MultiArray,
+            POLICY_WEIGHTS,
+            self._on_weights,
+            WEIGHTS_QOS,
+            callback_group=self.default_callback_group,
+        )
         self._status_pub = self.create_publisher(String, POLICY_STATUS, 10)
         self.create_timer(1.0 / float(self._config["status_rate_hz"]), self._publish_status)
 
     # ------------------------------------------------------------------ control path
     def _install(self, rt: Runtime | None) -> None:
-        """Switch the control path to ``rt`` (runs on the control thread, between ticks)."""
+        """Switch the control path to ``rt`` and the staged residual (control thread, between
+        ticks)."""
         previous = self._active
-        self._active = rt
-        if rt is None:
+        if rt is not previous:
+            self._active = rt
+            if rt is not None:
+                rt.scheduler.reset()
+                if previous is not None:
+                    self.swaps += 1
+                    self.get_logger().info(
+                        f"active policy {previous.policy.tag} -> {rt.policy.tag} ({rt.path}, "
+                        f"task {rt.task}, replan_every {rt.scheduler.replan_every})"
+                    )
+        if rt is not None:
+            self._install_residual(rt, base_changed=rt is not previous)
+
+    def _install_residual(self, rt: Runtime, *, base_changed: bool) -> None:
+        """Put the staged residual into ``rt``'s slot, unless it belongs to another base."""
+        choice = self._residual_staged
+        if choice is self._residual_active and not base_changed:
             return
-        rt.scheduler.reset()
-        if previous is not None:
-            self.swaps += 1
+        self._residual_active = choice
+        slot = rt.residual
+        before = slot.tag
+        w = choice.weights
+        if w is None or choice.actor is None:
+            slot.clear()
+        elif (w.obs_dim, w.action_dim) != (slot.obs_dim, slot.action_dim) or (
+            w.base and w.base != rt.policy.tag
+        ):
+            slot.clear()
+            self.get_logger().warning(
+                f"dropped residual {w.tag}: trained against base {w.base} (obs_dim "
+                f"{w.obs_dim}, action_dim {w.action_dim}), the active base is {rt.policy.tag}; "
+                "zero residual until a matching one arrives"
+            )
+        else:
+            try:
+                slot.install(choice.actor)
+            except ResidualError as exc:  # cannot happen after the probe, but fail closed
+                slot.clear()
+                self.get_logger().error(f"residual {w.tag} not installed: {exc}")
+        if slot.tag != before:
+            self.residual_swaps += 1
             self.get_logger().info(
-                f"active policy {previous.policy.tag} -> {rt.policy.tag} ({rt.path}, task "
-                f"{rt.task}, replan_every {rt.scheduler.replan_every})"
+                f"active residual {before or 'zero'} -> {slot.tag or 'zero'} on {rt.policy.tag}"
             )
 
     def _on_observation(self, msg: JointState) -> None:
         rt = self._staged
-        if rt is not self._active:
+        if rt is not self._active or self._residual_staged is not self._residual_active:
             self._install(rt)
         if rt is None:
             self.no_model += 1
@@ -275,11 +414,13 @@ class PolicyNode(Node):
             return
         block = rt.residual_block[: remaining.shape[0]]
         block[0] = residual
+        if self._noise_std > 0.0 and residual_slot.active:
+            block[0] += self._noise_rng.normal(0.0, self._noise_std, residual.shape[0])
         tag = rt.policy.tag
         if residual_slot.active:
             tag = f"{tag}+{residual_slot.tag}"
         self._pub.publish(
-            action_chunk_msg(
+            self._action_writer.write(
                 remaining, block, stamp=msg.header.stamp, version_tag=tag, step_dt=rt.step_dt
             )
         )
@@ -297,9 +438,83 @@ class PolicyNode(Node):
             self._episode_start_ns = stamp_to_ns(msg.header.stamp)
         self._last_episode = episode
 
+    # ------------------------------------------------------------------ residual weights
+    def _on_weights(self, msg: UInt8MultiArray) -> None:
+        """Decode, verify, build and probe a residual blob, then stage it (not the control
+        thread)."""
+        self.weights_received += 1
+        start = time.perf_counter()
+        rt = self._staged
+        try:
+            w = decode_residual(msg.data)
+            if rt is None:
+                raise WeightError(f"{w.tag}: no base model is loaded to check it against")
+            meta = rt.policy.metadata
+            check_compatible(
+                w,
+                obs_dim=meta.obs_dim,
+                action_dim=meta.action_dim,
+                base_tag=rt.policy.tag,
+                current=self._latest,
+            )
+            actor = w.actor()
+            # Probe on a scratch slot: dims, tag format and a finite output on zeros.
+            ResidualSlot(obs_dim=meta.obs_dim, action_dim=meta.action_dim).install(actor)
+        except (WeightError, ResidualError) as exc:
+            self.weights_refused += 1
+            self.last_weight_refusal = str(exc)
+            self.get_logger().warning(
+                f"refused residual weights ({len(msg.data)} bytes): {exc}; "
+                f"keeping {self._residual_staged_tag()}"
+            )
+            return
+        self._latest = w
+        self._history[w.version] = (w, actor)
+        while len(self._history) > RESIDUAL_HISTORY:  # the pinned version is never evicted
+            del self._history[next(v for v in self._history if v != self._residual_mode)]
+        self.weights_accepted += 1
+        self.weight_prepare_ms = (time.perf_counter() - start) * 1e3
+        self._stage_residual()
+        self.get_logger().info(
+            f"accepted residual {w.describe()} in {self.weight_prepare_ms:.1f} ms; "
+            f"residual_version={self._residual_mode} -> running {self._residual_staged_tag()}"
+        )
+
+    def _stage_residual(self) -> None:
+        """Stage the residual that ``residual_version`` and the history call for."""
+        mode = self._residual_mode
+        if mode == 0:
+            entry = None
+        elif mode < 0:
+            entry = self._history.get(self._latest.version) if self._latest else None
+        else:
+            entry = self._history.get(mode)  # a start-up pin waits for its version to arrive
+        if entry is None:
+            choice = ZERO_RESIDUAL
+        elif entry[0] is self._residual_staged.weights:
+            return
+        else:
+            choice = ResidualChoice(weights=entry[0], actor=entry[1])
+        self._residual_staged = choice  # the next control tick installs it
+
+    def _residual_staged_tag(self) -> str:
+        w = self._residual_staged.weights
+        return "the zero residual" if w is None else w.tag
+
     # ------------------------------------------------------------------ parameters
     def _on_change(self, changes: dict[str, Any]) -> str | None:
         """Validate a parameter change; load a new model here, off the control thread."""
+        if "residual_version" in changes:
+            version = int(changes["residual_version"])
+            if version > 0 and version not in self._history:
+                accepted = ", ".join(map(str, self._history)) or "none"
+                reason = (
+                    f"residual version {version} is not loaded (accepted versions kept: {accepted})"
+                )
+                self.refused += 1
+                self.last_refusal = f"residual_version={version}: {reason}"
+                self.get_logger().warning(f"refused residual_version={version}: {reason}")
+                return reason
         if self._staged is None and "model" not in changes:
             pass  # no model to check against: stored, validated with the next model load
         elif any(k in changes for k in _RUNTIME):
@@ -321,6 +536,15 @@ class PolicyNode(Node):
             )
         if "reset_on_episode" in changes:
             self._reset_on_episode = bool(changes["reset_on_episode"])
+        if "residual_noise_std" in changes:
+            self._noise_std = float(changes["residual_noise_std"])
+        if "residual_version" in changes:
+            self._residual_mode = int(changes["residual_version"])
+            self._stage_residual()
+            self.get_logger().info(
+                f"residual_version={self._residual_mode}: running {self._residual_staged_tag()} "
+                "from the next tick"
+            )
         self._config.update(changes)
         return None
 
@@ -347,6 +571,15 @@ class PolicyNode(Node):
             "refused": self.refused,
             "last_refusal": self.last_refusal,
             "load_error": self.load_error,
+            "residual_version": self._residual_mode,
+            "residual_history": list(self._history),
+            "residual_latest": self._latest.tag if self._latest else "",
+            "residual_swaps": self.residual_swaps,
+            "weights_received": self.weights_received,
+            "weights_accepted": self.weights_accepted,
+            "weights_refused": self.weights_refused,
+            "last_weight_refusal": self.last_weight_refusal,
+            "weight_prepare_ms": round(self.weight_prepare_ms, 3),
         }
 
     def _publish_status(self) -> None:
@@ -356,33 +589,22 @@ class PolicyNode(Node):
 def main(args: list[str] | None = None) -> int:
     ensure_local_discovery()
     import rclpy
-    from rclpy.executors import (
-        Executor,
-        ExternalShutdownException,
-        MultiThreadedExecutor,
-        SingleThreadedExecutor,
-    )
+    from rclpy.executors import ExternalShutdownException
+
+    from vlarl.ros.executors import make_executor, spin
 
     rclpy.init(args=args)
     node: PolicyNode | None = None
     try:
         node = PolicyNode()
-        executor: Executor
-        if node.executor_kind == "events":
-            from vlarl.ros.executors import make_executor, spin
-
-            executor = make_executor("events")
-            executor.add_node(node)
-            spin(executor)
-            return 0
-        if node.executor_kind == "single_threaded":
-            executor = SingleThreadedExecutor()
-        else:
-            # Two threads: the control group and the default group (parameter services,
-            # status), so a model load in a set-parameters call does not block control ticks.
-            executor = MultiThreadedExecutor(num_threads=2)
+        reason = set_realtime_priority(node.realtime_priority)
+        if reason is not None:
+            node.get_logger().warning(f"{reason}: normal scheduling")
+        elif node.realtime_priority:
+            node.get_logger().info(f"scheduling {current_policy()}")
+        executor = make_executor("events" if node.executor_kind == "events" else "single")
         executor.add_node(node)
-        executor.spin()
+        spin(executor)  # gc.freeze() first, then spin_once() slices
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except ValueError as exc:  # a bad start-up parameter
@@ -399,4 +621,13 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["DEFAULT_MODEL", "PARAMS", "PolicyNode", "Runtime", "build_runtime", "main"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "PARAMS",
+    "WEIGHTS_QOS",
+    "PolicyNode",
+    "ResidualChoice",
+    "Runtime",
+    "build_runtime",
+    "main",
+]

@@ -2,7 +2,8 @@
 
 A thin ROS adapter over :class:`vlarl.core.safety.SafetyFilter`:
 
-- ``policy/action`` (JointTrajectory, point 0 = this tick) -> filtered ``safety/command``
+- ``policy/action`` (JointTrajectory, point 0 = this tick; only point 0 is read and validated,
+  the rest of the chunk never reaches the command) -> filtered ``safety/command``
   (JointState dx, dy, dz, gripper; stamp = the action's stamp; frame_id = its version tag,
   'teleop' or 'hold:<reason>'); malformed, non-finite, stale and out-of-order actions are
   dropped and counted;
@@ -12,6 +13,8 @@ A thin ROS adapter over :class:`vlarl.core.safety.SafetyFilter`:
 - ``teleop/twist`` (TwistStamped): while fresh, overrides the policy (intervention);
 - a steady-clock watchdog timer; the ``safety/estop`` SetBool service latches a hold;
 - ``safety/status`` (JSON) at ``status_rate_hz`` and whenever the hold state changes.
+
+``realtime_priority`` > 0 runs the process under SCHED_FIFO (see :mod:`vlarl.ros.realtime`).
 """
 
 # ruff: noqa: E402 - rclpy must not be imported before discovery is restricted to localhost.
@@ -51,8 +54,9 @@ from vlarl.core.safety import (
     SafetyConfig,
     SafetyFilter,
 )
-from vlarl.ros.msgs import MessageError, action_chunk_from_msg, ns_to_stamp, stamp_to_ns
+from vlarl.ros.msgs import MessageError, action_point_from_msg, ns_to_stamp, stamp_to_ns
 from vlarl.ros.params import Param, declare
+from vlarl.ros.realtime import MAX_PRIORITY, current_policy, set_realtime_priority
 
 _DEFAULTS = SafetyConfig()
 
@@ -91,6 +95,10 @@ PARAMS: tuple[Param, ...] = (
     Param("status_rate_hz", 2.0, "rate of safety/status", low=0.1, high=100.0, read_only=True),
     Param("executor", "events", "rclpy executor: events (EventsExecutor) or single",
           choices=("events", "single"), read_only=True),
+    Param("realtime_priority", 0,
+          "SCHED_FIFO priority of this process (0 = normal scheduling); needs CAP_SYS_NICE or "
+          "an rtprio limit, else a warning and normal scheduling",
+          low=0, high=MAX_PRIORITY, read_only=True),
 )  # fmt: skip
 
 # Node parameters that map 1:1 onto SafetyConfig fields.
@@ -144,6 +152,7 @@ class SafetyNode(Node):
         if reason is not None:
             raise ValueError(f"safety: bad parameter: {reason}")
         self.executor_kind: str = self._params["executor"]
+        self.realtime_priority = int(self._params["realtime_priority"])
         now = time.monotonic()
         self.filter = SafetyFilter(config, now=now)
         self.filter.start(now)
@@ -196,12 +205,12 @@ class SafetyNode(Node):
         now = time.monotonic()
         stamp_ns = stamp_to_ns(msg.header.stamp)
         try:
-            base, residual = action_chunk_from_msg(msg)
+            base, residual = action_point_from_msg(msg)  # point 0: this tick
         except MessageError as exc:
             reason = REJECT_NONFINITE if "non-finite" in str(exc) else REJECT_MALFORMED
             self.filter.reject(reason, stamp_ns)
             return
-        decision = self.filter.filter(base[0], residual[0], stamp_ns=stamp_ns, now=now)
+        decision = self.filter.filter(base, residual, stamp_ns=stamp_ns, now=now)
         if decision.command is not None:
             self._publish(decision, msg.header.frame_id)
 
@@ -298,6 +307,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError as exc:  # a bad parameter at start-up
             print(f"safety: {exc}", file=sys.stderr)
             return 2
+        reason = set_realtime_priority(node.realtime_priority)
+        if reason is not None:
+            node.get_logger().warning(f"{reason}: normal scheduling")
+        elif node.realtime_priority:
+            node.get_logger().info(f"scheduling {current_policy()}")
         executor = _make_executor(node)
         executor.add_node(node)
 

@@ -95,6 +95,14 @@ def _params() -> list[Any]:
         ),
         Param("end_on_success", True, "end the episode (terminal) when the task succeeds"),
         Param(
+            "action_offset",
+            [0.0, 0.0, 0.0, 0.0],
+            "deployment shift for self-improvement experiments: the robot executes "
+            "clip(command + offset) (a miscalibrated arm); commands and bags are unchanged",
+            low=-1.0,
+            high=1.0,
+        ),
+        Param(
             "command_timeout_s",
             0.1,
             "realtime mode: a command older than this is not applied; the robot holds",
@@ -253,6 +261,7 @@ def _build_node_class() -> type:
                 max_episode_steps=p["max_episode_steps"],
                 end_on_success=p["end_on_success"],
                 first_episode=first_episode,
+                action_offset=list(p["action_offset"]),
             )
 
         def _camera_config(self, p: dict[str, Any]) -> CameraConfig:
@@ -474,6 +483,7 @@ def _build_node_class() -> type:
                 self.get_logger().info(f"{ended}; now {robot.task} seed {robot.seed}")
             self._robot.max_episode_steps = int(new["max_episode_steps"])
             self._robot.end_on_success = bool(new["end_on_success"])
+            self._robot.set_action_offset(list(new["action_offset"]))
             if {"mode", "control_dt", "lockstep_timeout_s"} & changes.keys():
                 self._configure_mode(new)
             if ({"camera_rate_hz", "camera_every_sample", "mode"} | camera_keys) & changes.keys():

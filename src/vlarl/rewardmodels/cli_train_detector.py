@@ -31,6 +31,9 @@ class TrainDetectorArgs:
         "", "replay directories with labelled episodes (comma-separated)", required=True
     )
     out: str = arg("", "ONNX file to write", required=True)
+    calibration: str = arg(
+        "", "more replay directories used only to choose the thresholds (e.g. near-misses)"
+    )
     tasks: str = arg("", "only these tasks ('' = all in the data, 'mt10', or names)")
     model_id: str = arg("", "model id (default: <task>-success-detector)")
     version: int = arg(1, "model version in the metadata")
@@ -39,7 +42,11 @@ class TrainDetectorArgs:
     debounce: int = arg(3, "consecutive positive windows before the detector fires")
     hidden: int = arg(256, "MLP width")
     depth: int = arg(2, "hidden layers")
-    points: str = arg("auto", "3-d points for geometric features: auto, none or a,b,...")
+    points: str = arg(
+        "auto", "3-d points for geometric features: auto, none or a,b@dx:dy:dz,... (offsets in m)"
+    )
+    rings: str = arg("none", "distance rings of the point pairs: auto (1-12 cm), none, r1,r2,...")
+    ring_width: float = arg(0.002, "softness of the distance rings (m)")
     steps: int = arg(3000, "optimizer steps")
     batch: int = arg(512, "windows per step")
     lr: float = arg(1e-3, "peak learning rate")
@@ -68,7 +75,14 @@ def run(args: argparse.Namespace) -> int:
             if hasattr(a, f.name)
         }
     )
-    trained = train_detector(episodes, cfg, instructions=instructions_for(episodes), log=print)
+    calibration = read_episodes(a.calibration, a.tasks) if a.calibration else []
+    trained = train_detector(
+        episodes,
+        cfg,
+        instructions=instructions_for(episodes),
+        calibration=calibration,
+        log=print,
+    )
     result = export_detector(
         trained,
         a.out,
@@ -82,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         {
             "args": dataclasses.asdict(a),
             "episodes": counts,
+            "calibration_episodes": describe(calibration) if calibration else {},
             "report": trained.report,
             "export": result,
         },

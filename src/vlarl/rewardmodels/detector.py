@@ -36,6 +36,7 @@ from vlarl.rewardmodels.labels import (
     Episode,
     WindowSet,
     build_windows,
+    describe,
     split_episodes,
     windows_of,
 )
@@ -255,7 +256,9 @@ class DetectorConfig:
     debounce: int = 3  # consecutive positive windows before firing
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
-    points: str = "auto"  # 3-d points for geometric features: auto (Meta-World), none, a,b,..
+    points: str = "auto"  # geometric-feature points: auto (Meta-World), none, a,b@dx:dy:dz,..
+    rings: str = "none"  # distance rings (radii, m) of the point pairs: auto, none, r1,r2,..
+    ring_width: float = 0.002  # softness (m) of the rings
     raw_window: bool = True  # raw observations of the whole window (False: the newest only)
     steps: int = 3000  # optimizer steps
     batch: int = 512  # windows per step
@@ -341,13 +344,24 @@ def train_detector(
     cfg: DetectorConfig,
     *,
     instructions: dict[str, np.ndarray] | None = None,
+    calibration: Sequence[Episode] = (),
     log: Callable[[str], None] | None = None,
 ) -> TrainedDetector:
     """Train on ``episodes`` (a validation share held out); raises RewardModelError for data
-    that cannot train a detector (no successful or no failed episodes, ...)."""
+    that cannot train a detector (no successful or no failed episodes, ...).
+
+    ``calibration``: more held-out episodes (e.g. a set of hard near-misses) that join the
+    validation share only where thresholds are chosen; they never train the network."""
     import torch
 
-    from vlarl.rewardmodels.nets import ProbabilityHead, WindowNet, cosine_lr, parse_points, predict
+    from vlarl.rewardmodels.nets import (
+        ProbabilityHead,
+        WindowNet,
+        cosine_lr,
+        parse_points,
+        parse_rings,
+        predict,
+    )
 
     log = log or (lambda _msg: None)
     if cfg.window < 1 or cfg.steps < 1 or cfg.batch < 1:
@@ -395,7 +409,8 @@ def train_detector(
     )
 
     try:
-        points = parse_points(cfg.points, tr.obs.shape[1])
+        points, offsets = parse_points(cfg.points, tr.obs.shape[1])
+        rings = parse_rings(cfg.rings)
     except ValueError as exc:
         raise RewardModelError(str(exc)) from None
     net = WindowNet(
@@ -405,6 +420,9 @@ def train_detector(
         hidden=cfg.hidden,
         depth=cfg.depth,
         points=points,
+        point_offsets=offsets,
+        rings=rings,
+        ring_width=cfg.ring_width,
         raw=cfg.raw_window,
     )
     rng = np.random.default_rng(cfg.seed)
@@ -450,6 +468,18 @@ def train_detector(
     head.eval()
     probs = predict(head, va_windows, va_instr)
     seqs = [probs[va.episode == i] for i in range(len(val_eps))]
+    val_only = len(val_eps)
+    extra = [e for e in calibration if e.task in tasks]
+    if len(extra) < len(calibration):
+        log(f"note: {len(calibration) - len(extra)} calibration episodes of unknown tasks skipped")
+    if extra:
+        ca = build_windows(
+            extra, window=cfg.window, pre_steps=cfg.pre_steps, max_steps=cfg.max_steps, tasks=tasks
+        )
+        cprobs = predict(head, ca.windows(), _instruction_rows(ca, table))
+        seqs += [cprobs[ca.episode == i] for i in range(len(extra))]
+        val_eps = [*val_eps, *extra]
+        log(f"detector: {len(extra)} more episodes for the thresholds only: {describe(extra)}")
     threshold, calib = calibrate_threshold(
         seqs, val_eps, debounce=cfg.debounce, pre_steps=cfg.pre_steps
     )
@@ -474,7 +504,8 @@ def train_detector(
     pred = probs >= thr_rows
     report = {
         "train_episodes": len(train_eps),
-        "val_episodes": len(val_eps),
+        "val_episodes": val_only,
+        "calibration_only_episodes": len(extra),
         "train_windows": len(tr),
         "positives": n_pos,
         "pos_weight": pos_w,

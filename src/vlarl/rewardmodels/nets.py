@@ -8,11 +8,22 @@ features**, clipped to +-10, a linear projection of the instruction, then an MLP
 and SiLU to one number per window.
 
 Geometric features: given the start indices of 3-d points in the observation (``points``; for
-Meta-World's 39-d state ``0, 4, 11, 36`` = hand, first object, second object, goal), the
-difference vector and the distance of every pair of points in every observation of the window
-(standardized). Success in these tasks is a statement about such distances (object within a few
-centimetres of the goal), which a plain MLP over raw coordinates learns only approximately from a
-few hundred episodes; with the distances given it learns the boundary, near-misses included.
+Meta-World's 39-d state ``0, 4, 11, 36`` = hand, first object, second object, goal), each
+optionally shifted by a constant offset (``point_offsets``), the difference vector and the
+distance of every pair of points in every observation of the window (standardized). Meta-World
+judges reaching by the fingertip centre (``tcp_center``), 4.5 cm below the hand position the
+observation carries, so ``auto`` shifts the hand point by that much: reach-v3's success
+(fingertip centre within 5 cm of the goal) is then one of the distances, not a curved
+surface in the raw difference vector. Success in these tasks is a statement about such
+distances (object within a few centimetres of the goal), which a plain MLP over raw coordinates
+learns only approximately from a few hundred episodes; with the distances given it learns the
+boundary much better.
+
+Distance rings (``rings``, radii in metres): per pair distance ``dist`` and radius ``r``,
+``sigmoid((r - dist) / ring_width)``, about 1 inside and 0 outside. Success radii are a few
+centimetres while the standardized distance spans the whole workspace, so without them the MLP
+puts a near-miss 5 mm outside the radius (the stop-short episodes) almost where it puts a
+success; with them the radius is one sharp feature.
 
 The head turns that number into what the model file promises: a probability (detector,
 ``sigmoid``) or steps-to-go (progress, ``scale * softplus``), so the exported graph is the whole
@@ -45,6 +56,8 @@ class WindowNet(nn.Module):
     geo_std: Tensor
     pair_a: Tensor
     pair_b: Tensor
+    pair_offset: Tensor
+    ring_radii: Tensor
 
     def __init__(
         self,
@@ -56,22 +69,50 @@ class WindowNet(nn.Module):
         depth: int = 2,
         instr_proj: int = 32,
         points: tuple[int, ...] = (),
+        point_offsets: tuple[tuple[float, float, float], ...] = (),
+        rings: tuple[float, ...] = (),
+        ring_width: float = 0.002,
         raw: bool = True,
     ) -> None:
         super().__init__()
         self.obs_dim, self.window, self.instr_dim = obs_dim, window, instr_dim
         if any(p < 0 or p + 3 > obs_dim for p in points):
             raise ValueError(f"points {points} do not fit an observation of {obs_dim} numbers")
+        if point_offsets and len(point_offsets) != len(points):
+            raise ValueError("point_offsets needs one (dx, dy, dz) per point")
         self.points = tuple(int(p) for p in points)
+        offsets = [tuple(float(v) for v in o) for o in point_offsets] or [(0.0, 0.0, 0.0)] * len(
+            self.points
+        )
+        if any(len(o) != 3 for o in offsets):
+            raise ValueError("each point offset has three numbers (dx, dy, dz)")
+        self.point_offsets = tuple(offsets)
         self.raw = bool(raw) or not self.points  # without geometry the raw window is needed
-        pairs = [(a, b) for i, a in enumerate(self.points) for b in self.points[i + 1 :]]
+        n = len(self.points)
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
         self.n_pairs = len(pairs)
+        pts, offs = self.points, self.point_offsets
         self.register_buffer(
-            "pair_a", torch.tensor([a + c for a, _ in pairs for c in range(3)], dtype=torch.long)
+            "pair_a",
+            torch.tensor([pts[i] + c for i, _ in pairs for c in range(3)], dtype=torch.long),
         )
         self.register_buffer(
-            "pair_b", torch.tensor([b + c for _, b in pairs for c in range(3)], dtype=torch.long)
+            "pair_b",
+            torch.tensor([pts[j] + c for _, j in pairs for c in range(3)], dtype=torch.long),
         )
+        # constant part of every pair's difference vector: offset(a) - offset(b)
+        self.register_buffer(
+            "pair_offset",
+            torch.tensor(
+                [offs[i][c] - offs[j][c] for i, j in pairs for c in range(3)], dtype=torch.float32
+            ),
+        )
+        self.has_offsets = any(any(v != 0.0 for v in o) for o in offs)
+        if rings and (ring_width <= 0 or any(r <= 0 for r in rings)):
+            raise ValueError("rings and ring_width must be positive")
+        self.rings = tuple(float(r) for r in rings) if self.n_pairs else ()
+        self.ring_width = float(ring_width)
+        self.register_buffer("ring_radii", torch.tensor(self.rings, dtype=torch.float32))
         self.register_buffer("obs_mean", torch.zeros(obs_dim))
         self.register_buffer("obs_std", torch.ones(obs_dim))
         self.register_buffer("delta_std", torch.ones(obs_dim))
@@ -79,6 +120,7 @@ class WindowNet(nn.Module):
         self.register_buffer("geo_std", torch.ones(4 * self.n_pairs))
         in_dim = (window * obs_dim if self.raw else obs_dim) + (window - 1) * obs_dim
         in_dim += window * 4 * self.n_pairs
+        in_dim += window * self.n_pairs * len(self.rings)
         self.instr = nn.Linear(instr_dim, instr_proj) if instr_dim > 0 else None
         if self.instr is not None:
             in_dim += instr_proj
@@ -110,6 +152,8 @@ class WindowNet(nn.Module):
     def _geometry(self, window: Tensor) -> Tensor:
         """[B, L, 4 * pairs]: per pair the difference vector (3) then the distance (1)."""
         diff = window[:, :, self.pair_a] - window[:, :, self.pair_b]
+        if self.has_offsets:
+            diff = diff + self.pair_offset
         diff = diff.reshape(window.shape[0], window.shape[1], self.n_pairs, 3)
         dist = torch.sqrt((diff * diff).sum(dim=3, keepdim=True) + 1e-12)
         return torch.cat([diff, dist], dim=3).reshape(window.shape[0], window.shape[1], -1)
@@ -121,7 +165,12 @@ class WindowNet(nn.Module):
             d = (window[:, 1:] - window[:, :-1]) / self.delta_std
             parts.append(d.flatten(1))
         if self.n_pairs:
-            parts.append(((self._geometry(window) - self.geo_mean) / self.geo_std).flatten(1))
+            geo = self._geometry(window)
+            parts.append(((geo - self.geo_mean) / self.geo_std).flatten(1))
+            if self.rings:  # [B, L, pairs, rings]: ~1 inside each radius, ~0 outside
+                dist = geo.reshape(geo.shape[0], geo.shape[1], self.n_pairs, 4)[..., 3:4]
+                inside = torch.sigmoid((self.ring_radii - dist) / self.ring_width)
+                parts.append(inside.flatten(1))
         feats = torch.clamp(torch.cat(parts, dim=1), -CLIP, CLIP)
         if self.instr is not None:
             if instruction is None:
@@ -135,29 +184,70 @@ class WindowNet(nn.Module):
             "obs_std": self.obs_std.tolist(),
             "delta_std": self.delta_std.tolist(),
             "points": list(self.points),
+            "point_offsets": [list(o) for o in self.point_offsets],
+            "rings": list(self.rings),
+            "ring_width": self.ring_width,
             "raw_window": self.raw,
         }
 
 
 METAWORLD_POINTS = (0, 4, 11, 36)  # hand, first object, second object, goal in the 39-d state
+# Meta-World's fingertip centre (tcp_center, what reach-v3 and grasping rewards measure) is this
+# far from the hand position in the observation (the hand's orientation is fixed; measured
+# spread < 5 mm); ``auto`` uses it instead of the raw hand position.
+METAWORLD_TCP_OFFSET = (0.0, 0.0, -0.045)
+METAWORLD_OFFSETS = (METAWORLD_TCP_OFFSET, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
+
+# radii (m) of the distance rings of the success detector: 1 to 12 cm every 5 mm
+DEFAULT_RINGS = tuple(round(0.01 + 0.005 * i, 3) for i in range(23))
 
 
-def parse_points(text: str, obs_dim: int) -> tuple[int, ...]:
-    """``auto`` (Meta-World's points for a 39-d state, else none), ``none`` or ``a,b,...``."""
+def parse_rings(text: str) -> tuple[float, ...]:
+    """``auto`` (:data:`DEFAULT_RINGS`), ``none`` or comma-separated radii in metres."""
     text = text.strip().lower()
     if text == "auto":
-        return METAWORLD_POINTS if obs_dim == 39 else ()
+        return DEFAULT_RINGS
     if text in ("", "none"):
         return ()
     try:
-        points = tuple(int(x) for x in text.split(","))
+        rings = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"rings must be 'auto', 'none' or radii in metres: {text!r}") from None
+    if any(not r > 0 for r in rings):
+        raise ValueError(f"ring radii must be positive: {text!r}")
+    return rings
+
+
+PointSpec = tuple[tuple[int, ...], tuple[tuple[float, float, float], ...]]
+
+
+def parse_points(text: str, obs_dim: int) -> PointSpec:
+    """(points, offsets) from ``auto`` (Meta-World's points, hand shifted to the fingertip
+    centre, for a 39-d state, else none), ``none`` or ``a,b,...`` where an item may carry an
+    offset as ``index@dx:dy:dz`` (e.g. ``0@0:0:-0.045,4,36``)."""
+    text = text.strip().lower()
+    if text == "auto":
+        return (METAWORLD_POINTS, METAWORLD_OFFSETS) if obs_dim == 39 else ((), ())
+    if text in ("", "none"):
+        return (), ()
+    points: list[int] = []
+    offsets: list[tuple[float, float, float]] = []
+    try:
+        for item in text.split(","):
+            index, _, off = item.partition("@")
+            points.append(int(index))
+            values = tuple(float(v) for v in off.split(":")) if off else (0.0, 0.0, 0.0)
+            if len(values) != 3:
+                raise ValueError
+            offsets.append((values[0], values[1], values[2]))
     except ValueError:
         raise ValueError(
-            f"points must be 'auto', 'none' or comma-separated indices: {text!r}"
+            "points must be 'auto', 'none' or comma-separated indices (optionally "
+            f"index@dx:dy:dz): {text!r}"
         ) from None
     if any(p < 0 or p + 3 > obs_dim for p in points):
         raise ValueError(f"points {points} do not fit an observation of {obs_dim} numbers")
-    return points
+    return tuple(points), tuple(offsets)
 
 
 class ProbabilityHead(nn.Module):

@@ -172,7 +172,7 @@ class ProgressConfig:
     window: int = 2  # observations per window
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
-    points: str = "auto"  # 3-d points for geometric features: auto (Meta-World), none, a,b,..
+    points: str = "auto"  # geometric-feature points: auto (Meta-World), none, a,b@dx:dy:dz,..
     raw_window: bool = True  # raw observations of the whole window (False: the newest only)
     steps: int = 3000  # optimizer steps
     batch: int = 512  # windows per step
@@ -243,7 +243,7 @@ def train_progress(
         f"({int((~tr.censored).sum())} with exact targets)"
     )
     try:
-        points = parse_points(cfg.points, tr.obs.shape[1])
+        points, offsets = parse_points(cfg.points, tr.obs.shape[1])
     except ValueError as exc:
         raise RewardModelError(str(exc)) from None
     net = WindowNet(
@@ -253,6 +253,7 @@ def train_progress(
         hidden=cfg.hidden,
         depth=cfg.depth,
         points=points,
+        point_offsets=offsets,
         raw=cfg.raw_window,
     )
     rng = np.random.default_rng(cfg.seed)

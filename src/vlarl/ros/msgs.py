@@ -101,6 +101,85 @@ def action_chunk_msg(
     return msg
 
 
+class ActionChunkWriter:
+    """Policy output like :func:`action_chunk_msg`, written into one reused message.
+
+    The points and their ``time_from_start`` are built once (again only when the chunk grows or
+    ``step_dt`` changes), so a control tick allocates no message objects. rclpy serializes a
+    message inside ``publish()``, so the returned message may be published and then rewritten;
+    it is valid until the next :meth:`write`.
+    """
+
+    def __init__(self) -> None:
+        self._msg = JointTrajectory()
+        self._msg.joint_names = list(ACTION_NAMES)
+        self._points: list[JointTrajectoryPoint] = []
+        self._step_dt: float | None = None
+
+    def write(
+        self,
+        base: np.ndarray,
+        residual: np.ndarray,
+        *,
+        stamp: Time,
+        version_tag: str,
+        step_dt: float,
+    ) -> JointTrajectory:
+        """The message for ``base``/``residual`` ([steps, action_dim]; point 0 is this tick)."""
+        steps = base.shape[0]
+        if residual.shape[0] != steps:
+            raise ValueError(f"base has {steps} steps, residual {residual.shape[0]}")
+        if step_dt != self._step_dt or steps > len(self._points):
+            self._build_points(max(steps, len(self._points)), step_dt)
+        base_rows = np.asarray(base, dtype=np.float64).tolist()
+        residual_rows = np.asarray(residual, dtype=np.float64).tolist()
+        points = self._points
+        for i in range(steps):
+            point = points[i]
+            point.positions = base_rows[i]
+            point.effort = residual_rows[i]
+        msg = self._msg
+        msg.header.stamp = stamp
+        msg.header.frame_id = version_tag
+        msg.points = points[:steps]
+        return msg
+
+    def _build_points(self, steps: int, step_dt: float) -> None:
+        self._points = []
+        for i in range(steps):
+            point = JointTrajectoryPoint()
+            t = i * step_dt
+            point.time_from_start = Duration(sec=int(t), nanosec=round((t % 1.0) * 1e9))
+            self._points.append(point)
+        self._step_dt = step_dt
+
+
+def action_point_from_msg(msg: JointTrajectory, index: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(base [A], residual [A]) of point ``index`` of a policy action message, validated.
+
+    The cheap read of the safety node, which acts on point 0 (this tick) only: the joint names
+    and that one point are checked (length, finiteness; an empty ``effort`` is a zero residual);
+    the other points are not read. Raises :class:`MessageError` like
+    :func:`action_chunk_from_msg`.
+    """
+    if list(msg.joint_names) != list(ACTION_NAMES):
+        raise MessageError(f"joint_names must be {list(ACTION_NAMES)}, got {list(msg.joint_names)}")
+    points = msg.points
+    if len(points) <= index:
+        raise MessageError(f"action chunk has {len(points)} points, point {index} is needed")
+    point = points[index]
+    dim = len(ACTION_NAMES)
+    if len(point.positions) != dim:
+        raise MessageError(f"point {index}: expected {dim} positions, got {len(point.positions)}")
+    if len(point.effort) not in (0, dim):
+        raise MessageError(f"point {index}: expected 0 or {dim} effort values")
+    base = np.array(point.positions, dtype=np.float64)
+    residual = np.array(point.effort, dtype=np.float64) if len(point.effort) else np.zeros(dim)
+    if not (np.all(np.isfinite(base)) and np.all(np.isfinite(residual))):
+        raise MessageError("non-finite value in action chunk")
+    return base, residual
+
+
 def action_chunk_from_msg(msg: JointTrajectory) -> tuple[np.ndarray, np.ndarray]:
     """(base [steps, A], residual [steps, A]) from a policy action message, validated.
 

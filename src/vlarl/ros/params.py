@@ -56,6 +56,10 @@ class Param:
                 return f"{self.name} must be a list of finite numbers"
             if len(value) != len(self.default):
                 return f"{self.name} must have {len(self.default)} numbers"
+            if self.low is not None and min(value) < self.low:
+                return f"{self.name} entries must be >= {self.low}"
+            if self.high is not None and max(value) > self.high:
+                return f"{self.name} entries must be <= {self.high}"
             return None
         if isinstance(self.default, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -78,6 +78,7 @@ class MetaWorldRobot:
         max_episode_steps: int = MAX_EPISODE_STEPS,
         end_on_success: bool = True,
         first_episode: int = 0,
+        action_offset: Any = None,
     ) -> None:
         reason = check_task(task)
         if reason is not None:
@@ -112,6 +113,9 @@ class MetaWorldRobot:
         self._dt = float(self._unwrapped.dt)
         self._action = np.zeros(ACTION_DIM, dtype=np.float64)
         self._last_action = np.zeros(ACTION_DIM, dtype=np.float64)
+        self._applied = np.zeros(ACTION_DIM, dtype=np.float64)
+        self._offset = np.zeros(ACTION_DIM, dtype=np.float64)
+        self.set_action_offset(action_offset)
         self._state = np.zeros(STATE_DIM, dtype=np.float64)
         self._episode = int(first_episode) - 1
         self._step = 0
@@ -153,7 +157,11 @@ class MetaWorldRobot:
             raise EpisodeOverError(
                 f"episode {self._episode} ended ({how}) at step {self._step}; call reset()"
             )
-        obs, reward, _terminated, _truncated, info = self._env.step(action_arr)
+        applied = action_arr
+        if self._offset_active:
+            # The miscalibrated actuator: it executes command + offset (within its range).
+            applied = np.clip(action_arr + self._offset, -1.0, 1.0, out=self._applied)
+        obs, reward, _terminated, _truncated, info = self._env.step(applied)
         self._set_state(obs)
         self._last_action[:] = action_arr
         self._step += 1
@@ -170,6 +178,30 @@ class MetaWorldRobot:
             episode=self._episode,
             step=self._step,
         )
+
+    def set_action_offset(self, offset: Any) -> None:
+        """A deployment shift: every command is executed as ``clip(command + offset)``.
+
+        It stands in for a miscalibrated robot (a drifting end-effector frame, a biased
+        gripper): the command topic and the recorded bag still show the commanded action, as on
+        hardware, so a learner must discover the shift from its effects. ``None`` = no shift.
+        """
+        if offset is None:
+            self._offset[:] = 0.0
+        else:
+            arr = np.asarray(offset, dtype=np.float64)
+            if arr.shape != (ACTION_DIM,) or not np.isfinite(arr).all():
+                raise ValueError(
+                    f"action_offset must be {ACTION_DIM} finite numbers, got {offset!r}"
+                )
+            if np.abs(arr).max() > 1.0:
+                raise ValueError("action_offset entries must lie in [-1, 1]")
+            self._offset[:] = arr
+        self._offset_active = bool(np.any(self._offset != 0.0))
+
+    @property
+    def action_offset(self) -> np.ndarray:
+        return self._offset.copy()
 
     @staticmethod
     def validate_action(action: Any, *, out: np.ndarray | None = None) -> np.ndarray:

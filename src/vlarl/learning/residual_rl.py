@@ -1,0 +1,545 @@
+"""Residual RL: PLD stage 1 with RLPD, ROS-free (the learner node and the benchmark drive it).
+
+The base policy is frozen. A small Gaussian actor proposes a residual ``r = scale * tanh(u)``
+on top of the base action (``scale`` grows from 0 to ``delta`` over a warm-up, PLD's
+schedule); safety clamps ``r`` to ``[-delta, delta]`` again. Training is SAC with automatic
+entropy and RLPD's recipe:
+
+- a critic ensemble whose members have LayerNorm after every hidden layer; the TD target takes
+  the minimum over a random subset of the target critics (REDQ/RLPD);
+- an update-to-data ratio above one (``utd`` critic updates per environment step);
+- symmetric sampling: half of every batch from the offline buffer (the base policy's successful
+  rollouts and demonstrations), half from the online buffer;
+- optionally a conservative start (Cal-QL: a CQL regulariser whose push-down is bounded below by
+  the Monte-Carlo return of the data) for the first ``calql_steps`` updates.
+
+The critic sees (observation, base action, residual / delta); the residual it learns from is
+always the one the robot executed, ``clip((command - base) / delta, -1, 1)``, so teleoperated
+steps (interventions) and safety-clamped steps teach it what actually happened. With
+``residual=False`` the same code is a residual-free SAC/RLPD learner over the full action
+(the benchmark's ablation).
+
+The deployable actor (the mean path ``scale * tanh(mean)``, ReLU MLP) is exported as layers for
+:class:`vlarl.core.residual.MLPResidual`, bit-for-bit the network the policy node runs.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+from torch import nn
+
+from vlarl.data.errors import ReplayError
+from vlarl.data.replay import Transitions, atomic_write_bytes, header_metadata, tensor_digest
+from vlarl.learning.errors import LearningError
+
+CHECKPOINT_FORMAT = "vlarl.residual_learner/1"
+
+
+@dataclass
+class AgentConfig:
+    """Hyper-parameters of the residual SAC/RLPD agent."""
+
+    obs_dim: int = 39
+    """Observation size."""
+    action_dim: int = 4
+    """Action size."""
+    residual: bool = True
+    """True: a residual on a frozen base (PLD). False: residual-free SAC over the full action."""
+    delta: float = 0.3
+    """Residual bound (must match the safety node's delta)."""
+    hidden: int = 256
+    """Width of every hidden layer (actor and critics)."""
+    actor_layers: int = 2
+    """Hidden layers of the actor (ReLU, exportable to MLPResidual)."""
+    critics: int = 10
+    """Critic ensemble size."""
+    critic_subset: int = 2
+    """Target = min over this many randomly chosen target critics."""
+    gamma: float = 0.99
+    """Discount."""
+    tau: float = 0.005
+    """Polyak rate of the target critics."""
+    lr: float = 3e-4
+    """Adam learning rate (actor, critics, temperature)."""
+    batch_size: int = 256
+    """Transitions per update (split 50/50 offline/online when there is offline data)."""
+    init_temperature: float = 0.02
+    """Initial entropy temperature alpha."""
+    target_entropy: float = 0.0
+    """Entropy target; 0 means -action_dim (SAC's default)."""
+    calql_alpha: float = 0.0
+    """Weight of the Cal-QL regulariser (0 = off)."""
+    calql_steps: int = 0
+    """Updates that use the Cal-QL regulariser (the conservative warm start)."""
+    actor_init_scale: float = 0.01
+    """Scale of the actor's output layer at init: the residual starts near zero."""
+    bc_weight: float = 0.0
+    """PAC-style pull of the residual's mean toward zero (= imitate the base) at the start."""
+    bc_decay_updates: int = 10_000
+    """Updates over which that pull fades linearly to zero (pure RL afterwards)."""
+
+    @property
+    def actor_in(self) -> int:
+        return self.obs_dim + (self.action_dim if self.residual else 0)
+
+    @property
+    def critic_in(self) -> int:
+        return self.actor_in + self.action_dim
+
+
+class CriticEnsemble(nn.Module):
+    """``n`` independent Q networks evaluated in one batched pass (LayerNorm + ReLU)."""
+
+    def __init__(self, in_dim: int, hidden: int, n: int, layers: int = 2) -> None:
+        super().__init__()
+        self.n = n
+        dims = [in_dim] + [hidden] * layers + [1]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        self.ln_w = nn.ParameterList()
+        self.ln_b = nn.ParameterList()
+        for i, (a, b) in enumerate(itertools.pairwise(dims)):
+            w = torch.empty(n, a, b)
+            for k in range(n):
+                nn.init.kaiming_uniform_(w[k].T, a=math.sqrt(5))
+            bound = 1.0 / math.sqrt(a)
+            self.weights.append(nn.Parameter(w))
+            self.biases.append(nn.Parameter(torch.empty(n, 1, b).uniform_(-bound, bound)))
+            if i < layers:
+                self.ln_w.append(nn.Parameter(torch.ones(n, 1, b)))
+                self.ln_b.append(nn.Parameter(torch.zeros(n, 1, b)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, in] -> Q [n, B]."""
+        h = x.unsqueeze(0).expand(self.n, -1, -1)
+        last = len(self.weights) - 1
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.baddbmm(b, h, w)
+            if i < last:
+                h = F.layer_norm(h, h.shape[-1:]) * self.ln_w[i] + self.ln_b[i]
+                h = F.relu(h)
+        return h.squeeze(-1)
+
+
+class GaussianActor(nn.Module):
+    """A tanh-Gaussian actor with a ReLU trunk; its mean path is what gets deployed."""
+
+    def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int, init_scale: float):
+        super().__init__()
+        dims = [in_dim] + [hidden] * layers
+        self.trunk = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(dims))
+        self.mean = nn.Linear(dims[-1], action_dim)
+        self.log_std = nn.Linear(dims[-1], action_dim)
+        with torch.no_grad():
+            self.mean.weight.mul_(init_scale)
+            self.mean.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for layer in self.trunk:
+            x = F.relu(layer(x))
+        log_std = torch.tanh(self.log_std(x))  # squashed into [-5, 2]
+        return self.mean(x), -5.0 + 3.5 * (log_std + 1.0)
+
+    def sample(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A reparameterised tanh-squashed sample in [-1, 1] and its log-probability."""
+        mean, log_std = self(x)
+        std = log_std.exp()
+        pre = mean + std * torch.randn_like(mean)
+        u = torch.tanh(pre)
+        logp = (-0.5 * ((pre - mean) / std) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+        logp = logp - (2.0 * (math.log(2.0) - pre - F.softplus(-2.0 * pre))).sum(-1)
+        return u, logp
+
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(W [in, out], b [out]) for the trunk and the mean head (MLPResidual's layout)."""
+        out = []
+        for lin in [*self.trunk, self.mean]:
+            out.append(
+                (
+                    lin.weight.detach().T.contiguous().numpy().astype(np.float32),
+                    lin.bias.detach().numpy().astype(np.float32).copy(),
+                )
+            )
+        return out
+
+
+class ReplayBuffer:
+    """A growing in-memory buffer of transitions (numpy), with the next base action."""
+
+    def __init__(self, *, obs_dim: int, action_dim: int, capacity: int = 1_000_000) -> None:
+        self.capacity = capacity
+        self.size = 0
+        self._cols = {
+            "obs": np.zeros((capacity, obs_dim), np.float32),
+            "base": np.zeros((capacity, action_dim), np.float32),
+            "action": np.zeros((capacity, action_dim), np.float32),
+            "reward": np.zeros(capacity, np.float32),
+            "done": np.zeros(capacity, np.float32),
+            "next_obs": np.zeros((capacity, obs_dim), np.float32),
+            "next_base": np.zeros((capacity, action_dim), np.float32),
+            "mc_return": np.zeros(capacity, np.float32),
+        }
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, **columns: np.ndarray) -> None:
+        n = len(columns["obs"])
+        if n == 0:
+            return
+        if self.size + n > self.capacity:
+            raise LearningError(f"replay buffer full ({self.capacity} transitions)")
+        for name, arr in self._cols.items():
+            arr[self.size : self.size + n] = columns[name]
+        self.size += n
+
+    def sample(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+        idx = rng.integers(0, self.size, size=n)
+        return {k: v[idx] for k, v in self._cols.items()}
+
+
+def episode_columns(
+    data: Transitions,
+    *,
+    reward: np.ndarray | None = None,
+    gamma: float,
+) -> dict[str, np.ndarray]:
+    """Buffer columns for whole episodes of ``data`` (rows in step order within an episode).
+
+    ``next_base`` is the base action of the following step (the one that answered next_obs);
+    for an episode's last row it repeats the row's own base action. ``done`` is the terminal
+    flag (truncation bootstraps). ``mc_return`` is the discounted return-to-go (for Cal-QL).
+    """
+    rewards = data.reward if reward is None else np.asarray(reward, np.float32)
+    n = len(data)
+    next_base = data.base_action.copy()
+    mc = np.zeros(n, np.float32)
+    for _, rows in data.episodes():
+        rows = rows[np.argsort(data.step[rows], kind="stable")]
+        if len(rows) > 1:
+            next_base[rows[:-1]] = data.base_action[rows[1:]]
+        g = 0.0
+        for r in rows[::-1]:
+            g = float(rewards[r]) + gamma * g
+            mc[r] = g
+    return {
+        "obs": data.obs,
+        "base": data.base_action,
+        "action": data.action,
+        "reward": rewards,
+        "done": data.terminal.astype(np.float32),
+        "next_obs": data.next_obs,
+        "next_base": next_base,
+        "mc_return": mc,
+    }
+
+
+@dataclass
+class UpdateStats:
+    critic_loss: float = 0.0
+    actor_loss: float = 0.0
+    alpha: float = 0.0
+    q_mean: float = 0.0
+    entropy: float = 0.0
+    calql: float = 0.0
+
+
+class ResidualSAC:
+    """The agent: actor, critic ensemble, targets, temperature, and their optimisers."""
+
+    def __init__(self, config: AgentConfig, *, seed: int = 0) -> None:
+        self.config = config
+        torch.manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        c = config
+        self.actor = GaussianActor(
+            c.actor_in, c.action_dim, c.hidden, c.actor_layers, c.actor_init_scale
+        )
+        self.critics = CriticEnsemble(c.critic_in, c.hidden, c.critics)
+        self.target = CriticEnsemble(c.critic_in, c.hidden, c.critics)
+        self.target.load_state_dict(self.critics.state_dict())
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.log_alpha = torch.tensor(math.log(c.init_temperature), requires_grad=True)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.lr)
+        self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=c.lr)
+        self.alpha_opt = torch.optim.Adam([self.log_alpha], lr=c.lr)
+        self.target_entropy = c.target_entropy or -float(c.action_dim)
+        self.updates = 0
+        self.scale = 0.0 if c.residual else 1.0  # output bound of the acting residual
+        self._in = np.zeros(c.actor_in, np.float32)
+
+    # ------------------------------------------------------------------ acting
+    def act(self, obs: np.ndarray, base: np.ndarray, *, explore: bool) -> np.ndarray:
+        """The residual (or, residual-free, the action) for one step, within [-scale, scale]."""
+        c = self.config
+        x = self._in
+        x[: c.obs_dim] = obs
+        if c.residual:
+            x[c.obs_dim :] = base
+        with torch.no_grad():
+            xt = torch.from_numpy(x).unsqueeze(0)
+            if explore:
+                u, _ = self.actor.sample(xt)
+            else:
+                u = torch.tanh(self.actor(xt)[0])
+        return (u[0].numpy().astype(np.float64)) * self.scale
+
+    def _actor_input(self, obs: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return torch.cat([obs, base], -1) if self.config.residual else obs
+
+    def _critic_action(self, base: np.ndarray, action: np.ndarray) -> np.ndarray:
+        """The executed residual / delta (residual) or the executed action (residual-free)."""
+        if not self.config.residual:
+            return action
+        return np.clip((action - base) / self.config.delta, -1.0, 1.0)
+
+    # ------------------------------------------------------------------ learning
+    def update(
+        self,
+        batch: Mapping[str, np.ndarray],
+        *,
+        update_actor: bool = True,
+    ) -> UpdateStats:
+        c = self.config
+        t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+        act = torch.from_numpy(
+            self._critic_action(batch["base"], batch["action"]).astype(np.float32)
+        )
+        x = self._actor_input(t["obs"], t["base"])
+        nx = self._actor_input(t["next_obs"], t["next_base"])
+        alpha = self.log_alpha.exp().detach()
+        # The actor's u means a residual of scale * u; in the critic's units that is
+        # (scale / delta) * u.
+        unit = self.scale / c.delta if c.residual else 1.0
+        with torch.no_grad():
+            nu, nlogp = self.actor.sample(nx)
+            subset = self.rng.choice(c.critics, size=c.critic_subset, replace=False)
+            q_next = self.target(torch.cat([nx, nu * unit], -1))[torch.from_numpy(subset)]
+            q_next = q_next.min(0).values - alpha * nlogp
+            y = t["reward"] + c.gamma * (1.0 - t["done"]) * q_next
+        q = self.critics(torch.cat([x, act], -1))
+        critic_loss = ((q - y.unsqueeze(0)) ** 2).mean(1).sum()
+        stats = UpdateStats(q_mean=float(q.detach().mean()))
+        if c.calql_alpha > 0 and self.updates < c.calql_steps:
+            # Cal-QL: push down Q of policy/random actions, but not below the data's MC return;
+            # push up Q of the data's actions.
+            with torch.no_grad():
+                pu, _ = self.actor.sample(x)
+                ru = torch.empty_like(pu).uniform_(-1, 1)
+            q_pi = self.critics(torch.cat([x, pu * unit], -1))
+            q_rand = self.critics(torch.cat([x, ru], -1))
+            q_pi = torch.maximum(q_pi, t["mc_return"].unsqueeze(0))
+            push_down = torch.logsumexp(torch.stack([q_pi, q_rand]), 0)
+            reg = (push_down - q).mean(1).sum()
+            critic_loss = critic_loss + c.calql_alpha * reg
+            stats.calql = float(reg)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+        with torch.no_grad():
+            for p, tp in zip(self.critics.parameters(), self.target.parameters(), strict=True):
+                tp.lerp_(p, c.tau)
+        stats.critic_loss = float(critic_loss.detach()) / c.critics
+        if update_actor:
+            u, logp = self.actor.sample(x)
+            q_pi = self.critics(torch.cat([x, u * unit], -1)).mean(0)
+            actor_loss = (alpha * logp - q_pi).mean()
+            bc = c.bc_weight * max(0.0, 1.0 - self.updates / max(1, c.bc_decay_updates))
+            if bc > 0.0:
+                mean_u = torch.tanh(self.actor(x)[0])
+                actor_loss = actor_loss + bc * (mean_u**2).sum(-1).mean()
+            self.actor_opt.zero_grad(set_to_none=True)
+            actor_loss.backward()
+            self.actor_opt.step()
+            alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
+            self.alpha_opt.zero_grad(set_to_none=True)
+            alpha_loss.backward()
+            self.alpha_opt.step()
+            stats.actor_loss = float(actor_loss.detach())
+            stats.entropy = float(-logp.detach().mean())
+        stats.alpha = float(self.log_alpha.detach().exp())
+        self.updates += 1
+        return stats
+
+    # ------------------------------------------------------------------ gate
+    def value_of(
+        self,
+        layers: list[tuple[np.ndarray, np.ndarray]] | None,
+        scale: float,
+        obs: np.ndarray,
+        base: np.ndarray,
+    ) -> float:
+        """Off-policy estimate: mean ensemble Q of a deterministic residual on these states.
+
+        ``layers`` None means the zero residual. The gate compares a candidate with the
+        deployed version under the same critic on the same recent states.
+        """
+        c = self.config
+        with torch.no_grad():
+            o = torch.from_numpy(obs.astype(np.float32))
+            b = torch.from_numpy(base.astype(np.float32))
+            x = self._actor_input(o, b)
+            if layers is None:
+                u = torch.zeros(len(o), c.action_dim)
+            else:
+                h = x
+                for i, (w, bias) in enumerate(layers):
+                    h = h @ torch.from_numpy(w) + torch.from_numpy(bias)
+                    if i < len(layers) - 1:
+                        h = F.relu(h)
+                u = torch.tanh(h) * (scale / c.delta if c.residual else 1.0)
+            return float(self.critics(torch.cat([x, u], -1)).mean())
+
+    # ------------------------------------------------------------------ persistence
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for prefix, module in (
+            ("actor.", self.actor),
+            ("critics.", self.critics),
+            ("target.", self.target),
+        ):
+            for k, v in module.state_dict().items():
+                out[prefix + k] = v.detach().contiguous().numpy().copy()
+        out["log_alpha"] = self.log_alpha.detach().reshape(1).numpy().copy()
+        for name, opt in (
+            ("actor_opt", self.actor_opt),
+            ("critic_opt", self.critic_opt),
+            ("alpha_opt", self.alpha_opt),
+        ):
+            for pid, st in opt.state_dict()["state"].items():
+                for key, val in st.items():
+                    arr = val.detach().numpy() if torch.is_tensor(val) else np.asarray(val)
+                    out[f"{name}.{pid}.{key}"] = (
+                        np.asarray(arr, np.float32)
+                        .reshape(arr.shape if np.ndim(arr) else (1,))
+                        .copy()
+                    )
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        for prefix, module in (
+            ("actor.", self.actor),
+            ("critics.", self.critics),
+            ("target.", self.target),
+        ):
+            state = {
+                k[len(prefix) :]: torch.from_numpy(v.copy())
+                for k, v in tensors.items()
+                if k.startswith(prefix)
+            }
+            module.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            self.log_alpha.copy_(torch.from_numpy(tensors["log_alpha"].copy()).reshape(()))
+        for name, opt in (
+            ("actor_opt", self.actor_opt),
+            ("critic_opt", self.critic_opt),
+            ("alpha_opt", self.alpha_opt),
+        ):
+            sd = opt.state_dict()
+            params = [p for group in opt.param_groups for p in group["params"]]
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, val in tensors.items():
+                if key.startswith(name + "."):
+                    _, pid, field_name = key.split(".", 2)
+                    v = torch.from_numpy(val.copy())
+                    # step is a scalar; exp_avg/exp_avg_sq take the parameter's shape (scalars
+                    # were saved as [1]).
+                    shape = () if field_name == "step" else params[int(pid)].shape
+                    v = v.reshape(shape)
+                    state.setdefault(int(pid), {})[field_name] = v
+            sd["state"] = state
+            opt.load_state_dict(sd)
+
+
+@dataclass
+class LearnerState:
+    """What a checkpoint restores besides the networks."""
+
+    env_steps: int = 0
+    version: int = 0
+    deployed_version: int = 0
+    ingested: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def save_learner(path: str | Path, agent: ResidualSAC, state: LearnerState) -> str:
+    """Write agent + state atomically as safetensors (overwrites the previous checkpoint)."""
+    tensors = agent.state_tensors()
+    digest = tensor_digest(tensors)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "config": json.dumps(asdict(agent.config)),
+        "state": json.dumps(asdict(state), default=str),
+        "updates": str(agent.updates),
+        "scale": repr(agent.scale),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "sha256": digest,
+    }
+    atomic_write_bytes(Path(path), st_save(tensors, metadata=meta), overwrite=True)
+    return digest
+
+
+def load_learner(path: str | Path, *, seed: int = 0) -> tuple[ResidualSAC, LearnerState]:
+    """Read and verify a learner checkpoint; :class:`LearningError` says what is wrong."""
+    where = str(path)
+    try:
+        payload = Path(path).read_bytes()
+        meta = header_metadata(payload, where)
+    except (OSError, ReplayError) as exc:
+        raise LearningError(f"{where}: cannot read learner checkpoint ({exc})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise LearningError(f"{where}: format {meta.get('format')!r} is not {CHECKPOINT_FORMAT}")
+    try:
+        tensors = st_load(payload)
+    except Exception as exc:
+        raise LearningError(f"{where}: truncated or corrupt checkpoint ({exc})") from None
+    if tensor_digest(tensors) != meta.get("sha256"):
+        raise LearningError(f"{where}: sha256 mismatch, the checkpoint was modified or corrupted")
+    try:
+        config = AgentConfig(**json.loads(meta["config"]))
+        state = LearnerState(**json.loads(meta["state"]))
+        agent = ResidualSAC(config, seed=seed)
+        agent.load_state_tensors(tensors)
+        agent.updates = int(meta["updates"])
+        agent.scale = float(meta["scale"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise LearningError(f"{where}: checkpoint does not fit ({exc})") from None
+    return agent, state
+
+
+def warmup_scale(env_steps: int, *, delta: float, start: int, ramp: int) -> float:
+    """PLD's residual schedule: 0 before ``start`` steps, then linear up to ``delta``."""
+    if env_steps <= start:
+        return 0.0
+    if ramp <= 0:
+        return delta
+    return delta * min(1.0, (env_steps - start) / ramp)
+
+
+__all__ = [
+    "AgentConfig",
+    "CriticEnsemble",
+    "GaussianActor",
+    "LearnerState",
+    "ReplayBuffer",
+    "ResidualSAC",
+    "UpdateStats",
+    "episode_columns",
+    "load_learner",
+    "save_learner",
+    "warmup_scale",
+]

@@ -1,0 +1,311 @@
+"""Residual SAC/RLPD agent, learner (replay in, gated blobs out), checkpoints, the CLI verb."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlarl.contract import ModelMetadata
+from vlarl.core.weights import check_compatible, decode_residual
+from vlarl.data.replay import ReplayWriter, Transitions
+from vlarl.learning.errors import LearningError
+from vlarl.learning.learner import LearnerConfig, ResidualLearner
+from vlarl.learning.residual_rl import (
+    AgentConfig,
+    ResidualSAC,
+    episode_columns,
+    load_learner,
+    save_learner,
+    warmup_scale,
+)
+
+OBS, ACT = 39, 4
+SMALL = {"hidden": 32, "critics": 3, "batch_size": 32}
+
+
+def _episode(
+    rng: np.random.Generator,
+    n: int,
+    *,
+    success: bool,
+    residual: float = 0.0,
+    intervention: bool = False,
+) -> Transitions:
+    obs = rng.normal(size=(n + 1, OBS)).astype(np.float32)
+    base = rng.uniform(-0.5, 0.5, size=(n, ACT)).astype(np.float32)
+    res = np.full((n, ACT), residual, np.float32)
+    reward = np.zeros(n, np.float32)
+    terminal = np.zeros(n, np.uint8)
+    if success:
+        reward[-1], terminal[-1] = 1.0, 1
+    return Transitions.build(
+        obs=obs[:-1],
+        next_obs=obs[1:],
+        action=base + res,
+        base_action=base,
+        residual=res,
+        reward=reward,
+        terminal=terminal,
+        truncated=np.r_[np.zeros(n - 1), [not success]],
+        success=terminal.copy(),
+        intervention=np.full(n, int(intervention), np.uint8),
+    )
+
+
+def _meta() -> ModelMetadata:
+    from model_factory import make_policy
+
+    return make_policy(model_id="base-policy", version=3, seed=0).metadata
+
+
+def test_exported_layers_are_the_deterministic_actor() -> None:
+    agent = ResidualSAC(AgentConfig(**SMALL), seed=1)
+    agent.scale = 0.3
+    with np.errstate(all="ignore"):
+        for p in agent.actor.parameters():  # a non-trivial actor
+            p.data.normal_(0, 0.3)
+    from vlarl.core.residual import MLPResidual
+
+    actor = MLPResidual(
+        agent.actor.layers(), tag="residual@1", obs_dim=OBS, action_dim=ACT, scale=0.3
+    )
+    rng = np.random.default_rng(0)
+    out = np.zeros(ACT, np.float32)
+    for _ in range(20):
+        obs, base = rng.normal(size=OBS), rng.uniform(-1, 1, ACT)
+        actor(obs.astype(np.float32), base.astype(np.float32), out)
+        np.testing.assert_allclose(out, agent.act(obs, base, explore=False), atol=1e-5)
+        assert np.abs(out).max() <= 0.3
+
+
+def test_episode_columns_next_base_and_returns() -> None:
+    rng = np.random.default_rng(0)
+    data = Transitions.concatenate(
+        [_episode(rng, 5, success=True), _episode(rng, 3, success=False)]
+    )
+    data.episode[5:] = 1
+    cols = episode_columns(data, gamma=0.5)
+    np.testing.assert_array_equal(cols["next_base"][:4], data.base_action[1:5])
+    np.testing.assert_array_equal(cols["next_base"][4], data.base_action[4])  # last row: itself
+    np.testing.assert_allclose(cols["mc_return"][:5], [0.0625, 0.125, 0.25, 0.5, 1.0])
+    assert not cols["mc_return"][5:].any()
+    assert cols["done"][4] == 1 and cols["done"].sum() == 1
+
+
+def test_critic_learns_which_residual_pays() -> None:
+    """One-step bandit: reward = 1 - |residual/delta - 0.5|; the actor's mean moves to 0.5."""
+    agent = ResidualSAC(AgentConfig(**SMALL, init_temperature=1e-3, gamma=0.0, lr=1e-3), seed=0)
+    agent.scale = agent.config.delta
+    rng = np.random.default_rng(0)
+    n = 4096
+    obs = (0.05 * rng.normal(size=(n, OBS))).astype(np.float32)  # nearly one state
+    base = np.zeros((n, ACT), np.float32)
+    u = rng.uniform(-1, 1, size=(n, ACT)).astype(np.float32)
+    reward = (1.0 - np.abs(u - 0.5).mean(1)).astype(np.float32)
+    cols = {
+        "obs": obs,
+        "base": base,
+        "action": base + u * agent.config.delta,
+        "reward": reward,
+        "done": np.ones(n, np.float32),
+        "next_obs": obs,
+        "next_base": base,
+        "mc_return": reward,
+    }
+    for _ in range(1000):
+        idx = rng.integers(0, n, 32)
+        agent.update({k: v[idx] for k, v in cols.items()})
+    import torch
+
+    x = torch.from_numpy(obs[:256])
+    zeros = torch.zeros(256, ACT)
+    with torch.no_grad():
+        q_good = agent.critics(torch.cat([x, zeros, zeros + 0.5], -1)).mean()
+        q_bad = agent.critics(torch.cat([x, zeros, zeros - 0.5], -1)).mean()
+    assert q_good > q_bad + 0.2, (q_good, q_bad)  # the critic ranks residuals by their pay
+    residual = np.array([agent.act(o, np.zeros(ACT), explore=False) for o in obs[:50]])
+    u = residual / agent.config.delta
+    assert 0.2 < u.mean() < 0.8, u.mean(0)  # and the actor moved from 0 toward the best (0.5)
+
+
+def test_checkpoint_roundtrip_and_tampering(tmp_path: Path) -> None:
+    from vlarl.learning.residual_rl import LearnerState
+
+    agent = ResidualSAC(AgentConfig(**SMALL), seed=0)
+    rng = np.random.default_rng(0)
+    batch = {
+        k: rng.normal(size=(32, OBS if "obs" in k else ACT)).astype(np.float32)
+        for k in ("obs", "next_obs", "base", "action", "next_base")
+    }
+    batch.update(
+        reward=np.zeros(32, np.float32),
+        done=np.zeros(32, np.float32),
+        mc_return=np.zeros(32, np.float32),
+    )
+    for _ in range(3):
+        agent.update(batch)
+    agent.scale = 0.2
+    path = tmp_path / "learner.safetensors"
+    save_learner(path, agent, LearnerState(env_steps=123, version=4, deployed_version=4))
+    again, state = load_learner(path)
+    assert (state.env_steps, state.version, again.updates, again.scale) == (123, 4, 3, 0.2)
+    obs, base = rng.normal(size=OBS), rng.normal(size=ACT)
+    np.testing.assert_allclose(
+        again.act(obs, base, explore=False), agent.act(obs, base, explore=False)
+    )
+    # Same optimiser state: one more identical update gives identical weights.
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(5)
+    again.rng = np.random.default_rng(9)
+    again.update(batch)
+    torch.manual_seed(5)
+    agent.rng = np.random.default_rng(9)
+    agent.update(batch)
+    for a, b in zip(agent.critics.parameters(), again.critics.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    (tmp_path / "bad.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(LearningError, match=r"sha256|corrupt"):
+        load_learner(tmp_path / "bad.safetensors")
+    (tmp_path / "short.safetensors").write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(LearningError):
+        load_learner(tmp_path / "short.safetensors")
+
+
+def test_warmup_scale() -> None:
+    assert warmup_scale(100, delta=0.3, start=1000, ramp=2000) == 0.0
+    assert warmup_scale(2000, delta=0.3, start=1000, ramp=2000) == pytest.approx(0.15)
+    assert warmup_scale(10**6, delta=0.3, start=1000, ramp=2000) == 0.3
+
+
+def _write_replay(
+    directory: Path,
+    rng: np.random.Generator,
+    *,
+    tag: str,
+    episodes: int,
+    successes: int,
+    intervention: bool = False,
+) -> None:
+    with ReplayWriter(directory, source="test", tasks=["pick-place-v3"]) as writer:
+        for i in range(episodes):
+            ep = _episode(rng, 30, success=i < successes, intervention=intervention)
+            writer.add_episode(ep, task="pick-place-v3", version=tag)
+
+
+def test_learner_ingests_trains_gates_publishes_and_resumes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    replay = tmp_path / "replay"
+    _write_replay(replay, rng, tag="base-policy@3", episodes=6, successes=3)
+    cfg = LearnerConfig(
+        replay_dir=str(replay),
+        checkpoint=str(tmp_path / "ck.safetensors"),
+        probe_transitions=60,
+        warmup_ramp=100,
+        utd=2,
+        **SMALL,
+    )
+    meta = _meta()
+    learner = ResidualLearner(cfg, base=meta)
+    assert learner.ingest() == 180
+    assert len(learner.offline) == 90  # the 3 successful base episodes
+    assert learner.ingest() == 0  # nothing new
+    assert learner.train(max_updates=10_000) == 360  # utd x transitions
+    first = learner.propose()
+    assert first is not None and first.accepted and first.blob is not None
+    weights = decode_residual(first.blob)
+    assert (weights.tag, weights.parent, weights.base) == ("residual@1", 0, meta.tag)
+    assert weights.scale == pytest.approx(0.3)
+    check_compatible(weights, obs_dim=OBS, action_dim=ACT, base_tag=meta.tag, current=None)
+    # A stricter gate refuses the next candidate (estimate must beat deployed by 1.0).
+    learner.config.gate_tolerance = -1.0
+    refused = learner.propose()
+    assert refused is not None and not refused.accepted and refused.blob is None
+    assert learner.gated == 1 and learner.state.version == 1
+    learner.config.gate_tolerance = 0.02
+    second = learner.propose()
+    assert second is not None and second.accepted
+    assert decode_residual(second.blob).parent == 1
+    # Interventions go to the offline buffer too; residual-acted episodes don't.
+    _write_replay(replay, rng, tag="base-policy@3+residual@2", episodes=2, successes=2)
+    _write_replay(replay, rng, tag="teleop", episodes=1, successes=0, intervention=True)
+    assert learner.ingest() == 90
+    assert len(learner.offline) == 120
+    learner.train(max_updates=10_000)
+    updates = learner.agent.updates
+    learner.save()
+    # "Killed" and restarted: same checkpoint and replay, nothing re-done, nothing lost.
+    again = ResidualLearner(cfg, base=meta)
+    assert again.resumed and again.state.version == 2 and again.agent.updates == updates
+    assert again.ingest() == 270
+    assert again.updates_owed == 270 * 2 - updates
+    status = again.status()
+    assert status["episodes_by_tag"]["base-policy@3"] == {"episodes": 6, "successes": 3}
+    assert status["episodes_by_tag"]["base-policy@3+residual@2"]["successes"] == 2
+
+
+def test_learner_reports_bad_shards(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    replay = tmp_path / "replay"
+    _write_replay(replay, rng, tag="base-policy@3", episodes=2, successes=1)
+    _write_replay(replay, rng, tag="base-policy@3", episodes=1, successes=1)
+    shard = sorted(replay.glob("shard-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-50])  # truncated after it was written
+    learner = ResidualLearner(
+        LearnerConfig(replay_dir=str(replay), checkpoint=str(tmp_path / "c.safetensors"), **SMALL),
+        base=_meta(),
+    )
+    assert learner.ingest() == 30
+    assert list(learner.bad_shards) == [shard.name]
+
+
+def test_train_residual_verb_smoke(tmp_path: Path) -> None:
+    """Every method runs end to end on a tiny budget through the real simulator and safety."""
+    from vlarl.learning.train_residual import TrainResidualConfig, train
+
+    for method in ("residual", "sac", "base"):
+        summary = train(
+            TrainResidualConfig(
+                method=method,
+                total_steps=120,
+                probe_steps=40,
+                warmup_ramp=40,
+                eval_every=60,
+                eval_episodes=1,
+                eval_max_steps=15,
+                max_episode_steps=30,
+                hidden=16,
+                critics=2,
+                batch_size=16,
+                action_offset="0,0.2,0,0",
+                out=str(tmp_path / method),
+                progress=False,
+            )
+        )
+        assert [c["step"] for c in summary["curve"]] == [0, 60, 120]
+        assert summary["online_transitions"] + 30 >= 120
+        assert (tmp_path / method / "metrics.json").is_file()
+    learned = train(
+        TrainResidualConfig(
+            method="residual",
+            reward="learned",
+            total_steps=60,
+            probe_steps=20,
+            warmup_ramp=20,
+            eval_every=60,
+            eval_episodes=1,
+            eval_max_steps=10,
+            max_episode_steps=30,
+            hidden=16,
+            critics=2,
+            batch_size=16,
+            out=str(tmp_path / "learned"),
+            progress=False,
+        )
+    )
+    assert learned["reward"] == "learned" and len(learned["curve"]) == 2
+    with pytest.raises(LearningError, match="action_offset"):
+        train(TrainResidualConfig(action_offset="0,2,0,0", out=str(tmp_path / "bad")))
