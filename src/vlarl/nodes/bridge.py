@@ -17,7 +17,6 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 from rclpy.node import Node  # noqa: E402
@@ -46,7 +45,8 @@ class BridgeNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("bridge", **kwargs)
         self._p = declare(self, PARAMS, lambda changes: None)
-        Path(str(self._p["bag_dir"])).mkdir(parents=True, exist_ok=True)
+        # No mkdir: the recorder refuses to record into an existing bag directory, and the
+        # follower waits for a path that does not exist yet.
         try:
             self.follower = BridgeFollower(
                 str(self._p["bag_dir"]),
