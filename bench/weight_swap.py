@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument(
         "--policy-executor",
         default=None,
-        choices=("multi_threaded", "single_threaded", "events"),
+        choices=("single_threaded", "events"),
         help="policy node executor (default: config/policy.yaml)",
     )
     parser.add_argument("--seed", type=int, default=0)

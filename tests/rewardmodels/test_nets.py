@@ -18,10 +18,12 @@ from vlarl.rewardmodels.nets import (
 
 
 def test_parse_points_and_rings() -> None:
-    points, offsets = parse_points("auto", 39)
+    points, offsets = parse_points("tcp", 39)
     assert points == METAWORLD_POINTS and offsets[0] == METAWORLD_TCP_OFFSET
     assert all(o == (0.0, 0.0, 0.0) for o in offsets[1:])
-    assert parse_points("auto", 12) == ((), ())
+    assert parse_points("auto", 39) == (METAWORLD_POINTS, ((0.0, 0.0, 0.0),) * 4)
+    assert parse_points("0@0:0:-0.045,4,11,36", 39) == (points, offsets)
+    assert parse_points("auto", 12) == ((), ()) and parse_points("tcp", 12) == ((), ())
     assert parse_points("none", 39) == ((), ())
     assert parse_points("0@0:0:-0.05, 36", 39) == ((0, 36), ((0.0, 0.0, -0.05), (0.0, 0.0, 0.0)))
     for bad in ("0@1:2", "x", "37"):
@@ -51,7 +53,7 @@ def test_offset_geometry_measures_the_fingertip_centre_to_goal_distance() -> Non
             rows.append(obs)
             truth.append(env.unwrapped.tcp_center - env.unwrapped._target_pos)
     env.close()
-    points, offsets = parse_points("auto", 39)
+    points, offsets = parse_points("tcp", 39)
     net = WindowNet(obs_dim=39, window=1, points=points, point_offsets=offsets, rings=(0.05,))
     plain = WindowNet(obs_dim=39, window=1, points=points)
     x = torch.from_numpy(np.asarray(rows, np.float32)[:, None])

@@ -43,7 +43,7 @@ class TrainDetectorArgs:
     hidden: int = arg(256, "MLP width")
     depth: int = arg(2, "hidden layers")
     points: str = arg(
-        "auto", "3-d points for geometric features: auto, none or a,b@dx:dy:dz,... (offsets in m)"
+        "auto", "3-d points for geometric features: auto, tcp, none or a,b@dx:dy:dz,... (m)"
     )
     rings: str = arg("none", "distance rings of the point pairs: auto (1-12 cm), none, r1,r2,...")
     ring_width: float = arg(0.002, "softness of the distance rings (m)")

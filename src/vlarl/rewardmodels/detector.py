@@ -256,7 +256,7 @@ class DetectorConfig:
     debounce: int = 3  # consecutive positive windows before firing
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
-    points: str = "auto"  # geometric-feature points: auto (Meta-World), none, a,b@dx:dy:dz,..
+    points: str = "auto"  # geometric-feature points: auto/tcp (Meta-World), none, a,b@dx:dy:dz
     rings: str = "none"  # distance rings (radii, m) of the point pairs: auto, none, r1,r2,..
     ring_width: float = 0.002  # softness (m) of the rings
     raw_window: bool = True  # raw observations of the whole window (False: the newest only)

@@ -12,12 +12,12 @@ Meta-World's 39-d state ``0, 4, 11, 36`` = hand, first object, second object, go
 optionally shifted by a constant offset (``point_offsets``), the difference vector and the
 distance of every pair of points in every observation of the window (standardized). Meta-World
 judges reaching by the fingertip centre (``tcp_center``), 4.5 cm below the hand position the
-observation carries, so ``auto`` shifts the hand point by that much: reach-v3's success
-(fingertip centre within 5 cm of the goal) is then one of the distances, not a curved
-surface in the raw difference vector. Success in these tasks is a statement about such
-distances (object within a few centimetres of the goal), which a plain MLP over raw coordinates
-learns only approximately from a few hundred episodes; with the distances given it learns the
-boundary much better.
+observation carries, so ``tcp`` (``auto`` with that offset) shifts the hand point by that
+much: reach-v3's success (fingertip centre within 5 cm of the goal) is then one of the
+distances, not a curved surface in the raw difference vector. Success in these tasks is a
+statement about such distances (object within a few centimetres of the goal), which a plain MLP
+over raw coordinates learns only approximately from a few hundred episodes; with the distances
+given it learns the boundary much better.
 
 Distance rings (``rings``, radii in metres): per pair distance ``dist`` and radius ``r``,
 ``sigmoid((r - dist) / ring_width)``, about 1 inside and 0 outside. Success radii are a few
@@ -194,7 +194,7 @@ class WindowNet(nn.Module):
 METAWORLD_POINTS = (0, 4, 11, 36)  # hand, first object, second object, goal in the 39-d state
 # Meta-World's fingertip centre (tcp_center, what reach-v3 and grasping rewards measure) is this
 # far from the hand position in the observation (the hand's orientation is fixed; measured
-# spread < 5 mm); ``auto`` uses it instead of the raw hand position.
+# spread < 5 mm); ``tcp`` uses it instead of the raw hand position.
 METAWORLD_TCP_OFFSET = (0.0, 0.0, -0.045)
 METAWORLD_OFFSETS = (METAWORLD_TCP_OFFSET, (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0))
 
@@ -222,12 +222,15 @@ PointSpec = tuple[tuple[int, ...], tuple[tuple[float, float, float], ...]]
 
 
 def parse_points(text: str, obs_dim: int) -> PointSpec:
-    """(points, offsets) from ``auto`` (Meta-World's points, hand shifted to the fingertip
-    centre, for a 39-d state, else none), ``none`` or ``a,b,...`` where an item may carry an
-    offset as ``index@dx:dy:dz`` (e.g. ``0@0:0:-0.045,4,36``)."""
+    """(points, offsets) from ``auto`` (Meta-World's points for a 39-d state, else none),
+    ``tcp`` (the same with the hand shifted to the fingertip centre), ``none`` or ``a,b,...``
+    where an item may carry an offset as ``index@dx:dy:dz`` (e.g. ``0@0:0:-0.045,4,36``)."""
     text = text.strip().lower()
-    if text == "auto":
-        return (METAWORLD_POINTS, METAWORLD_OFFSETS) if obs_dim == 39 else ((), ())
+    if text in ("auto", "tcp"):
+        if obs_dim != 39:
+            return (), ()
+        zero = ((0.0, 0.0, 0.0),) * len(METAWORLD_POINTS)
+        return METAWORLD_POINTS, METAWORLD_OFFSETS if text == "tcp" else zero
     if text in ("", "none"):
         return (), ()
     points: list[int] = []

@@ -172,7 +172,7 @@ class ProgressConfig:
     window: int = 2  # observations per window
     hidden: int = 256  # MLP width
     depth: int = 2  # hidden layers
-    points: str = "auto"  # geometric-feature points: auto (Meta-World), none, a,b@dx:dy:dz,..
+    points: str = "auto"  # geometric-feature points: auto/tcp (Meta-World), none, a,b@dx:dy:dz
     raw_window: bool = True  # raw observations of the whole window (False: the newest only)
     steps: int = 3000  # optimizer steps
     batch: int = 512  # windows per step
