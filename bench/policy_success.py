@@ -14,7 +14,8 @@ chunks executed by the same ChunkScheduler as the robot, success = the simulator
 carry 95% Wilson intervals.
 
 Ablations: the single-task teacher acting from sampled noise (x_0 ~ N(0, I)) instead of x_0 = 0;
-on MT10 BC with per-task standardization, the first MT10 recipe, and that recipe trained on the
+on MT10 the teacher/student with one global observation standardization, the teacher trained
+from a scaled source, BC with per-task standardization, and the teacher trained on the
 successful episodes only (``MT10_ABLATIONS``).
 
     python bench/policy_success.py [--episodes 50] [--replan-every 4] [--skip-mt10]
@@ -52,17 +53,16 @@ LABELS = {
 
 # The MT10 recipe: the single-task one (scripts/build_default_model.sh) with the same noise mix
 # and 400 episodes per task (collected as episodes 0-99 and 100-399), longer training for ten
-# tasks, and instruction embeddings standardized over the tasks. All three main models learn
-# from every demonstration. Plain BC is the MLP regressor with one global observation
-# standardization. The teacher adds two things the diagnosis of the first MT10 teacher asked
-# for (models/mt10-student.md): observations standardized per task
-# (--task-norm; one global standardization squashes reach/push/pick-place's goal coordinates to a
-# sixth of their own range) and training noise that covers the deployed start x_0 = 0
-# (--source scaled: x_0 = r * z, r ~ U(0, 1); N(0, I) in 32 dimensions never comes near 0).
-# The student is distilled from it on every state. Ablations (same demonstrations unless said):
-# the first recipe's teacher/student (global standardization, N(0, I) source), BC with the
-# teacher's per-task standardization, and the first recipe trained on the successful episodes
-# only (not the same demonstrations).
+# tasks (60k steps, 3x512), and instruction embeddings standardized over the tasks. The three
+# main models all learn from every demonstration (the "same demonstrations"): plain BC
+# (one global observation standardization, as before), the teacher with observations
+# standardized per task (--task-norm: the instruction picks the statistics inside the graph;
+# one global standardization squashes reach/push/pick-place's goal coordinates to a sixth of
+# their own range), and its student. Ablations (MT10_ABLATIONS; same demonstrations unless
+# said): the first teacher/student (global standardization), the task-norm teacher trained from
+# x_0 = r * z, r ~ U(0, 1) (--source scaled), BC with per-task standardization, and the first
+# recipe trained on the successful episodes only (--episodes success: NOT the same
+# demonstrations).
 MT10_COLLECT = {  # replay folder -> collect arguments
     ROOT / "data" / "mt10" / "mixed": "--tasks mt10 --episodes 100 --sigmas 0,0.5,1.0,2.0 --seed 0",
     ROOT / "data" / "mt10" / "mixed-b": "--tasks mt10 --episodes 300 --sigmas 0,0.5,1.0,2.0 "
@@ -70,7 +70,6 @@ MT10_COLLECT = {  # replay folder -> collect arguments
 }
 MT10_DATA = ",".join(str(p) for p in MT10_COLLECT)
 MT10_COMMON = "--chunk-length 8 --hidden 512 --depth 3 --seed 0 --train-steps 60000"
-MT10_TEACHER = f"{MT10_COMMON} --steps 10 --task-norm --source scaled"
 MT10_DISTILL = "--hidden 256 --train-steps 15000 --lr 3e-4 --seed 0"
 
 
@@ -87,9 +86,9 @@ class Mt10Model:
 MT10_MODELS: dict[str, Mt10Model] = {
     "bc": Mt10Model(ROOT / "runs/mt10/bc/bc.safetensors", "train-bc", MT10_COMMON),
     "teacher_k10": Mt10Model(
-        ROOT / "runs/mt10-tasknorm/teacher-scaled/teacher.safetensors",
+        ROOT / "runs/mt10-tasknorm/teacher/teacher.safetensors",
         "train-teacher",
-        MT10_TEACHER,
+        f"{MT10_COMMON} --steps 10 --task-norm",
     ),
     "student_1step": Mt10Model(
         ROOT / "runs/mt10-tasknorm/student/student.safetensors",
@@ -103,18 +102,24 @@ MT10_MODELS: dict[str, Mt10Model] = {
         f"{MT10_COMMON} --task-norm",
         group="bc_task_norm",
     ),
-    "teacher_first": Mt10Model(
+    "teacher_global_norm": Mt10Model(
         ROOT / "runs/mt10/teacher/teacher.safetensors",
         "train-teacher",
         f"{MT10_COMMON} --steps 10",
-        group="first_recipe",
+        group="global_norm",
     ),
-    "student_first": Mt10Model(
+    "student_global_norm": Mt10Model(
         ROOT / "runs/mt10/student/student.safetensors",
         "distill",
         MT10_DISTILL,
-        teacher="teacher_first",
-        group="first_recipe",
+        teacher="teacher_global_norm",
+        group="global_norm",
+    ),
+    "teacher_task_norm_scaled": Mt10Model(
+        ROOT / "runs/mt10-tasknorm/teacher-scaled/teacher.safetensors",
+        "train-teacher",
+        f"{MT10_COMMON} --steps 10 --task-norm --source scaled",
+        group="task_norm_scaled",
     ),
     "teacher_success": Mt10Model(
         ROOT / "runs/mt10-success/teacher/teacher.safetensors",
@@ -131,12 +136,14 @@ MT10_MODELS: dict[str, Mt10Model] = {
     ),
 }
 MT10_ABLATIONS = {
-    "bc_task_norm": "plain BC with the teacher's per-task observation standardization (same "
-    "demonstrations, steps and width as the main BC)",
-    "first_recipe": "the first MT10 teacher and its student: global standardization, x_0 ~ N(0, I) "
-    "in training (same demonstrations)",
-    "success_filtered": "the first recipe trained on the successful episodes only (--episodes "
-    "success: NOT the same demonstrations); student distilled on every state",
+    "bc_task_norm": "plain BC with the teacher's per-task standardization (same demonstrations, "
+    "steps and width as the main BC)",
+    "global_norm": "the first MT10 teacher and its student: one global observation "
+    "standardization, as the main BC (same demonstrations, steps and width)",
+    "task_norm_scaled": "the main teacher's recipe trained from x_0 = r * z, r ~ U(0, 1) "
+    "(--source scaled) instead of N(0, I) (same demonstrations, steps and width)",
+    "success_filtered": "teacher with global standardization trained on the successful episodes "
+    "only (--episodes success: NOT the same demonstrations); its student distilled on every state",
 }
 
 
@@ -316,9 +323,9 @@ def main() -> int:
     parser.add_argument("--skip-mt10", action="store_true")
     parser.add_argument(
         "--mt10-ablations",
-        default="first_recipe,success_filtered",
+        default=",".join(MT10_ABLATIONS),
         help=f"MT10 ablation groups to build and evaluate, of {', '.join(MT10_ABLATIONS)} "
-        "('' = none; bc_task_norm trains a 60k-step BC when its checkpoint is missing)",
+        "('' = none; missing checkpoints are trained first)",
     )
     parser.add_argument("--skip-pick-place", action="store_true")
     parser.add_argument(
@@ -426,9 +433,9 @@ def main() -> int:
             }
         doc["results"]["mt10"] = {
             "models": "one multi-task model per kind (instruction-conditioned), all trained on "
-            "every demonstration: plain BC (global observation standardization); teacher with "
-            "per-task observation standardization and the scaled training source; student "
-            "distilled from it on every state",
+            "every demonstration with the same steps and width: plain BC with one global "
+            "observation standardization, the teacher with per-task standardization, the "
+            "student distilled from it on every state",
             "recipe": {m: f"vlarl {MT10_MODELS[m].verb} {MT10_MODELS[m].extra}" for m in MODELS},
             "per_task": {t: {m: row[m] for m in MODELS} for t, row in per_task.items()},
             "overall": {m: overall[m] for m in MODELS},
