@@ -40,6 +40,7 @@ from vlarl.learning.residual_rl import (
     ResidualSAC,
     episode_columns,
     load_learner,
+    sample_symmetric,
     save_learner,
     warmup_scale,
 )
@@ -201,21 +202,13 @@ class ResidualLearner:
             return 0
         n = int(min(max_updates, self.updates_owed))
         for i in range(n):
-            batch = self._sample()
+            batch = sample_symmetric(self.rng, self.online, self.offline, self.config.batch_size)
             stats = self.agent.update(batch, update_actor=(i % self.config.utd == 0))
         if n:
             self.last_stats = asdict(stats)
         self.updates_owed -= n
         self.updates_done += n
         return n
-
-    def _sample(self) -> dict[str, np.ndarray]:
-        n = self.config.batch_size
-        if len(self.offline) == 0:
-            return self.online.sample(self.rng, n)
-        a = self.online.sample(self.rng, n // 2)
-        b = self.offline.sample(self.rng, n - n // 2)
-        return {k: np.concatenate([a[k], b[k]]) for k in a}
 
     def current_scale(self) -> float:
         return warmup_scale(
@@ -232,10 +225,8 @@ class ResidualLearner:
             return None
         self.agent.scale = scale
         layers = self.agent.actor.layers()
-        n = min(self.config.gate_states, len(self.online))
-        lo = len(self.online) - n
-        obs = self.online._cols["obs"][lo : len(self.online)]
-        base = self.online._cols["base"][lo : len(self.online)]
+        obs = self.online.latest("obs", self.config.gate_states)
+        base = self.online.latest("base", self.config.gate_states)
         estimate = self.agent.value_of(layers, scale, obs, base)
         deployed = self.agent.value_of(self.deployed_layers, self.deployed_scale, obs, base)
         version = self.state.version + 1
@@ -285,12 +276,6 @@ class ResidualLearner:
             "published": self.published[-20:],
         }
         save_learner(self.config.checkpoint, self.agent, self.state)
-
-    def restore_deployed(self) -> None:
-        """After a resume: the deployed version is the checkpoint's actor at its saved scale."""
-        if self.state.deployed_version > 0:
-            self.deployed_scale = float(self.state.extra.get("deployed_scale", 0.0))
-            self.deployed_layers = self.agent.actor.layers()
 
     def status(self) -> dict[str, Any]:
         recent = self.recent_episodes[-20:]

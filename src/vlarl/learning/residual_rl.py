@@ -210,6 +210,21 @@ class ReplayBuffer:
         idx = rng.integers(0, self.size, size=n)
         return {k: v[idx] for k, v in self._cols.items()}
 
+    def latest(self, name: str, n: int) -> np.ndarray:
+        """The newest ``n`` rows of one column (a view)."""
+        return self._cols[name][max(0, self.size - n) : self.size]
+
+
+def sample_symmetric(
+    rng: np.random.Generator, online: ReplayBuffer, offline: ReplayBuffer, n: int
+) -> dict[str, np.ndarray]:
+    """RLPD's batch: half online, half offline (all online while the offline buffer is empty)."""
+    if len(offline) == 0:
+        return online.sample(rng, n)
+    a = online.sample(rng, n // 2)
+    b = offline.sample(rng, n - n // 2)
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
 
 def episode_columns(
     data: Transitions,
@@ -540,6 +555,7 @@ __all__ = [
     "UpdateStats",
     "episode_columns",
     "load_learner",
+    "sample_symmetric",
     "save_learner",
     "warmup_scale",
 ]

@@ -37,6 +37,7 @@ from vlarl.learning.residual_rl import (
     ReplayBuffer,
     ResidualSAC,
     episode_columns,
+    sample_symmetric,
     warmup_scale,
 )
 from vlarl.learning.runs import (
@@ -354,7 +355,7 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             if agent is not None and step > config.probe_steps // 2 and len(online) > 0:
                 u0 = time.perf_counter()
                 for k in range(config.utd):
-                    batch = _sample(rng, online, offline, config.batch_size)
+                    batch = sample_symmetric(rng, online, offline, config.batch_size)
                     stats = agent.update(
                         batch, update_actor=(k == config.utd - 1) and step > config.probe_steps
                     )
@@ -405,16 +406,6 @@ def _episode_transitions(rows: dict[str, list[Any]], *, episode: int) -> Transit
         episode=np.full(n, episode, np.int64),
         step=np.arange(n, dtype=np.int64),
     )
-
-
-def _sample(
-    rng: np.random.Generator, online: ReplayBuffer, offline: ReplayBuffer, n: int
-) -> dict[str, np.ndarray]:
-    if len(offline) == 0:
-        return online.sample(rng, n)
-    a = online.sample(rng, n // 2)
-    b = offline.sample(rng, n - n // 2)
-    return {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,6 @@ ensure_local_discovery()  # before rclpy is imported anywhere in this process
 
 import sys  # noqa: E402
 import threading  # noqa: E402
-import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
@@ -224,29 +223,9 @@ class LearnerNode(Node):
 
 def main(argv: Sequence[str] | None = None) -> int:
     ensure_local_discovery()
-    import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from vlarl.ros.executors import run_node
 
-    rclpy.init(args=list(sys.argv if argv is None else argv))
-    node: LearnerNode | None = None
-    try:
-        try:
-            node = LearnerNode()
-        except ValueError as exc:
-            print(f"learner: {exc}", file=sys.stderr)
-            return 2
-        executor = SingleThreadedExecutor(context=node.context)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.shutdown()
-            node.destroy_node()
-        rclpy.try_shutdown()
-        time.sleep(0)
-    return 0
+    return run_node(LearnerNode, name="learner", argv=argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,6 @@ from vlarl.rewardmodels.modelfile import (
     INPUT_WINDOW,
     KIND_DETECTOR,
     LoadedModel,
-    RewardModelMetadata,
-    attach_metadata,
     load_model_file,
 )
 
@@ -546,27 +543,14 @@ def export_detector(
 ) -> dict[str, Any]:
     """Write the detector as ONNX with metadata; checks ONNX Runtime against torch and loads it
     back with :class:`SuccessDetector`. Nothing is written when a check fails."""
-    import onnxruntime as ort
+    from vlarl.rewardmodels.nets import export_window_model
 
-    from vlarl.data.replay import atomic_write_bytes
-    from vlarl.rewardmodels.nets import predict, to_onnx_bytes
-
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise RewardModelError(f"the model file must end in .onnx, got {out}")
-    if out.exists() and not overwrite:
-        raise RewardModelError(f"{out} exists; pass overwrite to replace it")
-    net = trained.head.net
-    meta = RewardModelMetadata(
+    err = export_window_model(
+        trained,
+        out,
         kind=KIND_DETECTOR,
         model_id=model_id,
         version=version,
-        obs_kind="state",
-        obs_dim=net.obs_dim,
-        window=net.window,
-        instr_dim=net.instr_dim,
-        tasks=trained.tasks,
-        instructions={t: tuple(float(x) for x in v) for t, v in trained.instructions.items()},
         params={
             "threshold": trained.threshold,
             "task_thresholds": trained.task_thresholds,
@@ -574,35 +558,18 @@ def export_detector(
             "pre_steps": trained.config.pre_steps,
             "label_rule": LABEL_RULE,
         },
-        training={
-            **(training_info or {}),
-            **{k: v for k, v in trained.report.items() if k != "config"},
-        },
-        normalization=net.normalization_json(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-        graph_sha256="0" * 64,
+        doc=(
+            f"vlarl success detector over {trained.head.net.window} observations "
+            f"({', '.join(trained.tasks)})"
+        ),
+        overwrite=overwrite,
+        tolerance=tolerance,
+        training_info=training_info,
     )
-    doc = f"vlarl success detector over {net.window} observations ({', '.join(trained.tasks)})"
-    data = attach_metadata(to_onnx_bytes(trained.head, net=net, output=meta.output), meta, doc=doc)
-    windows = trained.val_windows
-    if windows is None or windows.shape[0] == 0:
-        windows = np.zeros((4, net.window, net.obs_dim), np.float32)
-    windows = windows[:2048]
-    instr = None if trained.val_instructions is None else trained.val_instructions[:2048]
-    reference = predict(trained.head, windows, instr)
-    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-    feeds = {INPUT_WINDOW: windows}
-    if instr is not None:
-        feeds[INPUT_INSTRUCTION] = instr
-    got = sess.run([meta.output], feeds)[0]
-    err = float(np.max(np.abs(got - reference)))
-    if not err <= tolerance:
-        raise RewardModelError(f"ONNX Runtime differs from torch by {err:.2e}; nothing written")
-    atomic_write_bytes(out, data, overwrite=overwrite)
     loaded = SuccessDetector.load(out)
     return {
         "onnx": str(out),
-        "bytes": len(data),
+        "bytes": Path(out).stat().st_size,
         "sha256": loaded.model.sha256,
         "tag": loaded.tag,
         "threshold": loaded.threshold,

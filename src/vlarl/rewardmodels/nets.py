@@ -34,13 +34,22 @@ from __future__ import annotations
 
 import io
 import warnings
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlarl.rewardmodels.modelfile import INPUT_INSTRUCTION, INPUT_WINDOW, OPSET
+from vlarl.rewardmodels.errors import RewardModelError
+from vlarl.rewardmodels.modelfile import (
+    INPUT_INSTRUCTION,
+    INPUT_WINDOW,
+    OPSET,
+    RewardModelMetadata,
+    attach_metadata,
+)
 
 CLIP = 10.0
 STD_FLOOR = 1e-3
@@ -329,6 +338,73 @@ def predict(
                 ins = torch.from_numpy(np.ascontiguousarray(instructions[i : i + batch]))
             out.append(head(w, ins).numpy())
     return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def export_window_model(
+    trained: Any,
+    out: str | Path,
+    *,
+    kind: str,
+    model_id: str,
+    version: int,
+    params: dict[str, Any],
+    doc: str,
+    overwrite: bool,
+    tolerance: float,
+    training_info: dict[str, Any] | None,
+) -> float:
+    """Write a trained window model (detector or progress) as ONNX with its metadata.
+
+    ``trained`` has ``head``, ``tasks``, ``instructions``, ``report``, ``val_windows`` and
+    ``val_instructions``. ONNX Runtime is checked against torch on up to 2048 validation windows
+    first; nothing is written when the check (or the path) fails. Returns the largest error.
+    """
+    import onnxruntime as ort
+
+    from vlarl.data.replay import atomic_write_bytes
+
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise RewardModelError(f"the model file must end in .onnx, got {out}")
+    if out.exists() and not overwrite:
+        raise RewardModelError(f"{out} exists; pass overwrite to replace it")
+    net = trained.head.net
+    meta = RewardModelMetadata(
+        kind=kind,
+        model_id=model_id,
+        version=version,
+        obs_kind="state",
+        obs_dim=net.obs_dim,
+        window=net.window,
+        instr_dim=net.instr_dim,
+        tasks=trained.tasks,
+        instructions={t: tuple(float(x) for x in v) for t, v in trained.instructions.items()},
+        params=params,
+        training={
+            **(training_info or {}),
+            **{k: v for k, v in trained.report.items() if k != "config"},
+        },
+        normalization=net.normalization_json(),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        graph_sha256="0" * 64,
+    )
+    data = attach_metadata(to_onnx_bytes(trained.head, net=net, output=meta.output), meta, doc=doc)
+    windows = trained.val_windows
+    if windows is None or windows.shape[0] == 0:
+        windows = np.zeros((4, net.window, net.obs_dim), np.float32)
+    windows = windows[:2048]
+    instr = None if trained.val_instructions is None else trained.val_instructions[:2048]
+    reference = predict(trained.head, windows, instr)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feeds = {INPUT_WINDOW: windows}
+    if instr is not None:
+        feeds[INPUT_INSTRUCTION] = instr
+    got = sess.run([meta.output], feeds)[0]
+    err = float(np.max(np.abs(got - reference)))
+    if not err <= tolerance:
+        raise RewardModelError(f"ONNX Runtime differs from torch by {err:.2e}; nothing written")
+    atomic_write_bytes(out, data, overwrite=overwrite)
+    return err
 
 
 def cosine_lr(step: int, *, total: int, base: float, warmup: int = 100) -> float:

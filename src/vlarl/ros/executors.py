@@ -8,6 +8,7 @@ a callback; ``spin_once(timeout_sec=...)`` in a loop works. :func:`spin` does th
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 EXECUTOR_KINDS = ("events", "single")
@@ -42,3 +43,37 @@ def spin(executor: Any, *, context: Any = None, period_s: float = 0.2) -> None:
 
     while rclpy.ok(context=context):
         executor.spin_once(timeout_sec=period_s)
+
+
+def run_node(factory: Callable[[], Any], *, name: str, argv: Sequence[str] | None = None) -> int:
+    """``main()`` of a node that spins a SingleThreadedExecutor: init, build, spin, clean up.
+
+    A ``ValueError`` from ``factory`` (a bad start-up parameter) is printed and exits 2; Ctrl-C
+    ends the spin; a node with a ``shutdown()`` method (worker threads) gets it called before it
+    is destroyed.
+    """
+    import sys
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+
+    rclpy.init(args=list(sys.argv if argv is None else argv))
+    node: Any = None
+    try:
+        try:
+            node = factory()
+        except ValueError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            return 2
+        executor = SingleThreadedExecutor(context=node.context)
+        executor.add_node(node)
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        if node is not None:
+            if hasattr(node, "shutdown"):
+                node.shutdown()
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
