@@ -145,6 +145,12 @@ def main() -> int:
         help="do not train: collect what the runs in --runs-dir logged so far (unfinished runs "
         "are marked complete: false)",
     )
+    p.add_argument(
+        "--compare-with",
+        default=None,
+        help="a learning.json of the same methods and seeds with the other reward: adds the "
+        "ratio of final success (this run / that run) per method (issue 5's learned-vs-flag goal)",
+    )
     p.add_argument("extra", nargs="*", help="more train-residual options (after --)")
     args = p.parse_args()
     methods = args.methods.split(",")
@@ -224,11 +230,33 @@ def main() -> int:
             "residual_ahead_at_every_checkpoint_after_0": all(ahead),
             "ahead_per_checkpoint": dict(zip(res["steps"][1:], ahead, strict=True)),
         }
+    if args.compare_with:
+        other = json.loads(Path(args.compare_with).read_text())
+        comparison = {}
+        for m in summary:
+            if m not in other.get("summary", {}):
+                continue
+            mine, theirs = summary[m]["mean_success"][-1], other["summary"][m]["mean_success"][-1]
+            comparison[m] = {
+                "reward": args.reward,
+                "final_success": mine,
+                "other_reward": other.get("reward"),
+                "other_final_success": theirs,
+                "ratio": (mine / theirs) if theirs > 0 else None,
+                "same_seeds": sorted(doc["runs"][m]) == sorted(other["runs"].get(m, {})),
+                "same_steps": other.get("steps") == args.steps,
+            }
+        doc["comparison"] = comparison
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(doc, out.with_suffix(".png"))
-    print(json.dumps({"summary": summary, "goals": doc.get("goals")}, indent=1))
+    print(
+        json.dumps(
+            {"summary": summary, "goals": doc.get("goals"), "comparison": doc.get("comparison")},
+            indent=1,
+        )
+    )
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 

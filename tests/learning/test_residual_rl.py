@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,69 @@ def test_episode_columns_next_base_and_returns() -> None:
     np.testing.assert_allclose(cols["mc_return"][:5], [0.0625, 0.125, 0.25, 0.5, 1.0])
     assert not cols["mc_return"][5:].any()
     assert cols["done"][4] == 1 and cols["done"].sum() == 1
+
+
+def test_episode_columns_nstep_returns() -> None:
+    rng = np.random.default_rng(0)
+    data = Transitions.concatenate(
+        [_episode(rng, 5, success=True), _episode(rng, 3, success=False)]
+    )
+    data.episode[5:] = 1
+    cols = episode_columns(data, gamma=0.5, nstep=3)
+    # Rows 0-1 see no reward within 3 steps; row 2 sees it at its 3rd step, row 4 at once.
+    np.testing.assert_allclose(cols["reward"][:5], [0.0, 0.0, 0.25, 0.5, 1.0])
+    np.testing.assert_allclose(cols["discount"][:5], [0.125, 0.125, 0.125, 0.25, 0.5])
+    np.testing.assert_array_equal(cols["done"][:5], [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(cols["next_obs"][0], data.next_obs[2])
+    np.testing.assert_array_equal(cols["next_base"][0], data.base_action[3])
+    # The failed, truncated episode: the window stops at its end and bootstraps from there.
+    np.testing.assert_allclose(cols["discount"][5:], [0.125, 0.25, 0.5])
+    np.testing.assert_array_equal(cols["next_obs"][6], data.next_obs[7])
+    assert not cols["done"][5:].any() and not cols["reward"][5:].any()
+    with pytest.raises(LearningError, match="nstep"):
+        episode_columns(data, gamma=0.5, nstep=0)
+
+
+def test_input_stats_fold_into_the_exported_layers() -> None:
+    """Standardised inputs train better; the deployed MLP still takes raw observations."""
+    from vlarl.core.residual import MLPResidual
+
+    rng = np.random.default_rng(3)
+    agent = ResidualSAC(AgentConfig(**SMALL), seed=2)
+    agent.scale = 0.3
+    obs_data = rng.normal(loc=0.5, scale=0.05, size=(200, OBS))
+    obs_data[:, 7:10] = 0.0  # constant columns: std floored, no division by zero
+    agent.set_input_stats(obs_data)
+    assert float(agent.actor.in_std[7]) == pytest.approx(1e-2)
+    with np.errstate(all="ignore"):
+        for prm in agent.actor.parameters():
+            prm.data.normal_(0, 0.3)
+    actor = MLPResidual(
+        agent.actor.layers(), tag="residual@1", obs_dim=OBS, action_dim=ACT, scale=0.3
+    )
+    out = np.zeros(ACT, np.float32)
+    for obs in obs_data[:20]:
+        base = rng.uniform(-1, 1, ACT)
+        actor(obs.astype(np.float32), base.astype(np.float32), out)
+        np.testing.assert_allclose(out, agent.act(obs, base, explore=False), atol=1e-4)
+    with pytest.raises(LearningError, match="finite"):
+        agent.set_input_stats(np.full((4, OBS), np.nan))
+
+
+def test_snapshot_acts_as_the_version_it_froze() -> None:
+    agent = ResidualSAC(AgentConfig(**SMALL), seed=4)
+    agent.scale = 0.2
+    with np.errstate(all="ignore"):
+        for prm in agent.actor.parameters():
+            prm.data.normal_(0, 0.3)
+    frozen = agent.snapshot()
+    obs, base = np.full(OBS, 0.1), np.zeros(ACT)
+    before = agent.act(obs, base, explore=False)
+    for prm in agent.actor.parameters():  # training moves on
+        prm.data.add_(0.5)
+    agent.scale = 0.3
+    np.testing.assert_array_equal(agent.act(obs, base, explore=False, snapshot=frozen), before)
+    assert not np.allclose(agent.act(obs, base, explore=False), before)
 
 
 def test_critic_learns_which_residual_pays() -> None:
@@ -307,5 +371,62 @@ def test_train_residual_verb_smoke(tmp_path: Path) -> None:
         )
     )
     assert learned["reward"] == "learned" and len(learned["curve"]) == 2
+    gated = train(
+        TrainResidualConfig(
+            method="residual",
+            gate="rollouts",
+            gate_episodes=1,
+            total_steps=150,
+            probe_steps=30,
+            warmup_ramp=30,
+            eval_every=150,
+            eval_episodes=1,
+            eval_max_steps=10,
+            max_episode_steps=20,
+            hidden=16,
+            critics=2,
+            batch_size=16,
+            out=str(tmp_path / "gated"),
+            progress=False,
+        )
+    )
+    rows = [json.loads(line) for line in (tmp_path / "gated" / "metrics.jsonl").open()]
+    gates = [r for r in rows if r["kind"] == "gate"]
+    # 120 steps after the probe in episodes of at most 20, candidate and deployed taking
+    # turns: at least 3 verdicts.
+    assert len(gates) >= 3 and gated["candidates"] >= len(gates)
+    accepted = [g["candidate"] for g in gates if g["accepted"]]
+    assert gated["deployed_version"] == (accepted[-1] if accepted else 0)
+    for g in gates:
+        assert g["accepted"] == (g["success_rate"] >= g["deployed_rate"])
     with pytest.raises(LearningError, match="action_offset"):
         train(TrainResidualConfig(action_offset="0,2,0,0", out=str(tmp_path / "bad")))
+
+
+def test_rollout_gate_takes_turns_and_deploys_only_improvements() -> None:
+    from vlarl.learning.train_residual import RolloutGate
+
+    agent = ResidualSAC(AgentConfig(**SMALL), seed=0)
+    base_version = agent.snapshot()
+    gate = RolloutGate(base_version, episodes=2, tolerance=0.0)
+    made: list[object] = []
+
+    def propose() -> object:
+        made.append(agent.snapshot())
+        return made[-1]
+
+    # Trial 1: candidate 2/2, deployed 1/2 -> deployed.
+    order = []
+    for success in (True, True, True, False):
+        who = gate.start_episode(propose)
+        order.append(gate.acting)
+        verdict = gate.end_episode(success if who is made[0] else not success)
+    assert order == ["candidate", "deployed", "candidate", "deployed"]
+    assert verdict is not None and verdict["accepted"] and verdict["success_rate"] == 1.0
+    assert gate.deployed is made[0] and gate.deployed_version == 1
+    # Trial 2: candidate 0/2 against the deployed 2/2 -> refused, version 1 stays.
+    for _ in range(4):
+        who = gate.start_episode(propose)
+        verdict = gate.end_episode(who is not made[1])
+    assert verdict is not None and not verdict["accepted"]
+    assert gate.deployed is made[0] and gate.deployed_version == 1 and gate.proposed == 2

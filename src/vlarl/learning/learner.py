@@ -71,9 +71,17 @@ class LearnerConfig:
     gamma: float = 0.99
     """Discount."""
     lr: float = 3e-4
-    """Learning rate."""
-    init_temperature: float = 0.02
+    """Learning rate of critics and temperature."""
+    actor_lr: float = 1e-4
+    """Learning rate of the actor."""
+    init_temperature: float = 0.001
     """Initial SAC temperature."""
+    nstep: int = 3
+    """n-step returns in the critic's target."""
+    normalize_obs: bool = True
+    """Standardise observations with the statistics of the data at the first update."""
+    actor_pessimism: float = 0.5
+    """The actor maximises mean - this * std of the ensemble's Q."""
     probe_transitions: int = 1000
     """The residual stays zero until this many transitions were ingested (PLD's probe)."""
     warmup_ramp: int = 2000
@@ -130,8 +138,10 @@ class ResidualLearner:
                     critic_subset=config.critic_subset,
                     gamma=config.gamma,
                     lr=config.lr,
+                    actor_lr=config.actor_lr,
                     batch_size=config.batch_size,
                     init_temperature=config.init_temperature,
+                    actor_pessimism=config.actor_pessimism,
                 ),
                 seed=config.seed,
             )
@@ -172,7 +182,7 @@ class ResidualLearner:
                     f"shard dims {data.obs_dim}/{data.action_dim} do not match the base model"
                 )
                 continue
-            cols = episode_columns(data, gamma=self.config.gamma)
+            cols = episode_columns(data, gamma=self.config.gamma, nstep=self.config.nstep)
             self.online.add(**cols)
             tags = np.asarray(info.versions, dtype=object)[data.policy_version]
             offline_rows = data.intervention.astype(bool)
@@ -201,6 +211,9 @@ class ResidualLearner:
         if len(self.online) < self.config.batch_size:
             return 0
         n = int(min(max_updates, self.updates_owed))
+        if n and self.agent.updates == 0 and self.config.normalize_obs:
+            # Once, before the first update; a resumed agent keeps its statistics.
+            self.agent.set_input_stats(self.online.latest("obs", len(self.online)))
         for i in range(n):
             batch = sample_symmetric(self.rng, self.online, self.offline, self.config.batch_size)
             stats = self.agent.update(batch, update_actor=(i % self.config.utd == 0))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,11 +34,14 @@ from vlarl.data.replay import Transitions
 from vlarl.graph import resolve_model_path
 from vlarl.learning.errors import LearningError
 from vlarl.learning.residual_rl import (
+    ActorSnapshot,
     AgentConfig,
+    LearnerState,
     ReplayBuffer,
     ResidualSAC,
     episode_columns,
     sample_symmetric,
+    save_learner,
     warmup_scale,
 )
 from vlarl.learning.runs import (
@@ -77,19 +81,34 @@ class TrainResidualConfig:
     hidden: int = arg(128, "hidden width of actor and critics")
     batch_size: int = arg(128, "batch size (half offline, half online)")
     gamma: float = arg(0.99, "discount")
-    lr: float = arg(3e-4, "learning rate")
-    init_temperature: float = arg(0.02, "initial SAC temperature")
+    lr: float = arg(3e-4, "learning rate (critics, temperature)")
+    actor_lr: float = arg(1e-4, "actor learning rate (0 = lr)")
+    nstep: int = arg(3, "n-step returns for the critic's target")
+    normalize_obs: bool = arg(True, "standardise observations with the first rollouts' stats")
+    target_entropy: float = arg(0.0, "SAC entropy target (0 = -action_dim)")
+    init_temperature: float = arg(0.001, "initial SAC temperature")
     calql_alpha: float = arg(0.0, "Cal-QL regulariser weight for the warm start (0 = off)")
     calql_steps: int = arg(0, "updates with the Cal-QL regulariser")
     bc_weight: float = arg(0.1, "PAC-style pull of the residual toward zero at the start")
-    bc_decay_updates: int = arg(8_000, "updates over which that pull fades to zero")
+    bc_decay_updates: int = arg(8_000, "updates over which that pull fades to bc_floor")
+    bc_floor: float = arg(0.0, "the pull's weight after it has faded")
+    actor_pessimism: float = arg(0.5, "actor maximises mean - this * std of the critics' Q")
     reward: str = arg("sim", "sim (the simulator's success flag) | learned (success detector)")
     detector_model: str = arg(
         "models/pick-place-v3-success-detector.onnx", "success detector for --reward learned"
     )
+    gate: str = arg(
+        "none",
+        "none: the actor being trained acts and is evaluated | rollouts: RL-100's gate, a "
+        "candidate snapshot and the deployed version take turns on training episodes; the "
+        "candidate is deployed (and evaluated) only if it succeeds at least as often",
+    )
+    gate_episodes: int = arg(6, "training episodes each of candidate and deployed act for")
+    gate_tolerance: float = arg(0.0, "how much lower a candidate's success rate may be")
     eval_every: int = arg(2_500, "environment steps between evaluations")
     eval_episodes: int = arg(20, "evaluation episodes (fixed layouts, deterministic policy)")
     eval_max_steps: int = arg(150, "steps after which an evaluation episode counts as failed")
+    save_checkpoints: bool = arg(True, "save the learner at every evaluation (checkpoints/)")
     threads: int = arg(1, "torch threads")
     out: str = arg("runs/residual", "run folder (config, metrics, learner checkpoint)")
     overwrite: bool = arg(False, "replace a finished run in --out")
@@ -153,6 +172,7 @@ def evaluate_policy(
     method: str,
     episodes: int,
     max_steps: int,
+    snapshot: ActorSnapshot | None = None,
 ) -> dict[str, Any]:
     """Deterministic episodes on the fixed evaluation layouts (episode i of the eval robot)."""
     successes, lengths = 0, []
@@ -163,7 +183,9 @@ def evaluate_policy(
             obs = robot.reset(episode=i)
             controller.reset()
             for _ in range(max_steps):
-                base, residual = _act(agent, controller, obs, method=method, explore=False)
+                base, residual = _act(
+                    agent, controller, obs, method=method, explore=False, snapshot=snapshot
+                )
                 result = robot.step(controller.command(obs, base, residual))
                 obs = robot.state
                 if result.success:
@@ -182,6 +204,63 @@ def evaluate_policy(
     }
 
 
+class RolloutGate:
+    """RL-100's gate, measured on the robot's own training episodes (no extra steps).
+
+    A candidate (a frozen snapshot of the actor being trained) and the deployed version take
+    turns, one episode each, both exploring. Once each has acted ``episodes`` times the
+    candidate is deployed if its success rate is at least the deployed version's over the same
+    period minus ``tolerance``, and the next candidate's trial begins. Taking turns compares
+    the two on the same stretch of the robot's life, so an early lucky streak of the deployed
+    version cannot block every later candidate.
+    """
+
+    def __init__(self, deployed: ActorSnapshot, *, episodes: int, tolerance: float) -> None:
+        self.deployed = deployed
+        self.deployed_version = 0
+        self.episodes = episodes
+        self.tolerance = tolerance
+        self.candidate: ActorSnapshot | None = None
+        self.proposed = 0
+        self.acting: str | None = None  # "candidate" | "deployed" while an episode runs
+        self.tally = {"candidate": [0, 0], "deployed": [0, 0]}  # [episodes, successes]
+
+    def start_episode(self, propose: Callable[[], ActorSnapshot]) -> ActorSnapshot:
+        """Who acts in the next episode (``propose`` makes a new candidate when needed)."""
+        if self.candidate is None:
+            self.candidate = propose()
+            self.proposed += 1
+            self.tally = {"candidate": [0, 0], "deployed": [0, 0]}
+        cand, dep = self.tally["candidate"][0], self.tally["deployed"][0]
+        self.acting = "candidate" if cand <= dep else "deployed"
+        return self.candidate if self.acting == "candidate" else self.deployed
+
+    def end_episode(self, success: bool) -> dict[str, Any] | None:
+        """Count the episode; the verdict when the candidate's trial is complete."""
+        if self.acting is None:
+            return None
+        entry = self.tally[self.acting]
+        entry[0] += 1
+        entry[1] += int(success)
+        cand, dep = self.tally["candidate"], self.tally["deployed"]
+        if cand[0] < self.episodes or dep[0] < self.episodes:
+            return None
+        rate, deployed_rate = cand[1] / cand[0], dep[1] / dep[0]
+        accepted = rate >= deployed_rate - self.tolerance
+        verdict = {
+            "candidate": self.proposed,
+            "success_rate": rate,
+            "deployed_rate": deployed_rate,
+            "deployed_version": self.deployed_version,
+            "accepted": accepted,
+        }
+        if accepted:
+            assert self.candidate is not None
+            self.deployed, self.deployed_version = self.candidate, self.proposed
+        self.candidate = None
+        return verdict
+
+
 def _act(
     agent: ResidualSAC | None,
     controller: Controller,
@@ -189,21 +268,32 @@ def _act(
     *,
     method: str,
     explore: bool,
+    snapshot: ActorSnapshot | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(base, residual) as handed to safety. Residual-free SAC: its action goes in as base."""
+    """(base, residual) as handed to safety. Residual-free SAC: its action goes in as base.
+
+    ``snapshot``: a frozen version acts instead of the actor being trained.
+    """
     if method == "sac":
         assert agent is not None
         zeros = np.zeros(4)
-        return np.clip(agent.act(obs, zeros, explore=explore), -1.0, 1.0), zeros
+        action = agent.act(obs, zeros, explore=explore, snapshot=snapshot)
+        return np.clip(action, -1.0, 1.0), zeros
     base = controller.base_action(obs)
-    if agent is None or agent.scale == 0.0:
+    if agent is None:
         return base, np.zeros_like(base)
-    return base, agent.act(obs, base, explore=explore)
+    if (agent.scale if snapshot is None else snapshot.scale) == 0.0:
+        return base, np.zeros_like(base)
+    return base, agent.act(obs, base, explore=explore, snapshot=snapshot)
 
 
 def train(config: TrainResidualConfig) -> dict[str, Any]:
     if config.method not in METHODS:
         raise LearningError(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.gate not in ("none", "rollouts"):
+        raise LearningError(f"gate must be none or rollouts, got {config.gate!r}")
+    if config.gate_episodes < 1:
+        raise LearningError(f"gate_episodes must be >= 1, got {config.gate_episodes}")
     if config.reward not in ("sim", "learned"):
         raise LearningError(f"reward must be sim or learned, got {config.reward!r}")
     offset = parse_offset(config.action_offset)
@@ -247,12 +337,16 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                     critic_subset=config.critic_subset,
                     gamma=config.gamma,
                     lr=config.lr,
+                    actor_lr=config.actor_lr,
+                    target_entropy=config.target_entropy,
                     batch_size=config.batch_size,
                     init_temperature=config.init_temperature,
                     calql_alpha=config.calql_alpha,
                     calql_steps=config.calql_steps,
                     bc_weight=config.bc_weight,
                     bc_decay_updates=config.bc_decay_updates,
+                    bc_floor=config.bc_floor,
+                    actor_pessimism=config.actor_pessimism,
                 ),
                 seed=config.seed,
             )
@@ -263,6 +357,16 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             obs_dim=meta.obs_dim, action_dim=meta.action_dim, capacity=config.total_steps + 1
         )
         rng = np.random.default_rng(config.seed)
+        # Rollouts gate: the deployed version starts as the base alone (a zero bound) or, for
+        # residual-free SAC, its untried initial actor.
+        gate = (
+            RolloutGate(
+                agent.snapshot(), episodes=config.gate_episodes, tolerance=config.gate_tolerance
+            )
+            if agent is not None and config.gate == "rollouts"
+            else None
+        )
+        acting: ActorSnapshot | None = None  # None: the actor being trained
         curve: list[dict[str, Any]] = []
         episodes, train_successes = 0, 0
         episode_rows: dict[str, list[Any]] = {
@@ -285,7 +389,10 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 method=config.method,
                 episodes=config.eval_episodes,
                 max_steps=config.eval_max_steps,
+                snapshot=gate.deployed if gate else None,
             )
+            if gate:
+                res.update(deployed_version=gate.deployed_version, candidates=gate.proposed)
             res.update(
                 step=step,
                 wall_s=round(time.perf_counter() - t0, 1),
@@ -294,6 +401,13 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             )
             curve.append(res)
             log.log(kind="eval", **res)
+            if agent is not None and config.save_checkpoints:
+                # The learner as it was evaluated (actor, critics, optimisers): for inspection.
+                save_learner(
+                    run_dir / "checkpoints" / f"step{step:07d}.safetensors",
+                    agent,
+                    LearnerState(env_steps=step),
+                )
 
         evaluate_now(0)
         bar = tqdm(
@@ -312,7 +426,12 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 base = controller.base_action(obs)
                 act_base, act_res = base, np.zeros_like(base)
             else:
-                act_base, act_res = _act(agent, controller, obs, method=config.method, explore=True)
+                if gate and gate.acting is None:  # the first step after the probe
+                    assert agent is not None
+                    acting = gate.start_episode(agent.snapshot)
+                act_base, act_res = _act(
+                    agent, controller, obs, method=config.method, explore=True, snapshot=acting
+                )
             command = controller.command(obs, act_base, act_res)
             result = robot.step(command)
             next_obs = robot.state.copy()
@@ -337,12 +456,18 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             done = terminal or result.truncated
             if done:
                 data = _episode_transitions(episode_rows, episode=episodes)
-                cols = episode_columns(data, gamma=config.gamma)
+                cols = episode_columns(data, gamma=config.gamma, nstep=config.nstep)
                 online.add(**cols)
                 ended_ok = bool(data.success.any())
                 train_successes += int(ended_ok)
                 if probing and ended_ok:
                     offline.add(**cols)
+                if gate and gate.acting is not None:
+                    assert agent is not None
+                    verdict = gate.end_episode(ended_ok)
+                    if verdict:
+                        log.log(kind="gate", step=step, **verdict)
+                    acting = gate.start_episode(agent.snapshot)
                 episodes += 1
                 log.log(
                     kind="episode", step=step, episode=episodes, success=ended_ok, length=len(data)
@@ -353,6 +478,8 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 if reward_model is not None:
                     reward_model.reset(obs)
             if agent is not None and step > config.probe_steps // 2 and len(online) > 0:
+                if config.normalize_obs and agent.updates == 0:
+                    agent.set_input_stats(online.latest("obs", len(online)))
                 u0 = time.perf_counter()
                 for k in range(config.utd):
                     batch = sample_symmetric(rng, online, offline, config.batch_size)
@@ -382,6 +509,8 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             "update_s": round(update_s, 1),
             "updates": agent.updates if agent else 0,
             "offline_transitions": len(offline),
+            "candidates": gate.proposed if gate else 0,
+            "deployed_version": gate.deployed_version if gate else 0,
             "online_transitions": len(online),
         }
         if agent is not None and config.method == "residual":
@@ -425,4 +554,4 @@ if __name__ == "__main__":
     add_arguments(p)
     raise SystemExit(run(p.parse_args()))
 
-__all__ = ["TrainResidualConfig", "evaluate_policy", "train"]
+__all__ = ["RolloutGate", "TrainResidualConfig", "evaluate_policy", "train"]
