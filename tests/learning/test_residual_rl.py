@@ -430,3 +430,42 @@ def test_rollout_gate_takes_turns_and_deploys_only_improvements() -> None:
         verdict = gate.end_episode(who is not made[1])
     assert verdict is not None and not verdict["accepted"]
     assert gate.deployed is made[0] and gate.deployed_version == 1 and gate.proposed == 2
+
+
+def test_averaged_actor_is_deployed_and_checkpointed(tmp_path: Path) -> None:
+    from vlarl.learning.residual_rl import LearnerState
+
+    agent = ResidualSAC(AgentConfig(**SMALL, actor_ema=0.1, lr=1e-2), seed=0)
+    agent.scale = 0.3
+    rng = np.random.default_rng(1)
+    batch = {
+        k: rng.normal(size=(32, OBS if "obs" in k else ACT)).astype(np.float32)
+        for k in ("obs", "next_obs", "base", "action", "next_base")
+    }
+    batch.update(
+        reward=rng.uniform(size=32).astype(np.float32),
+        done=np.zeros(32, np.float32),
+        mc_return=np.zeros(32, np.float32),
+    )
+    before = [p.detach().clone() for p in agent.deployable().parameters()]
+    for _ in range(20):
+        agent.update(batch)
+    avg = list(agent.deployable().parameters())
+    live = list(agent.actor.parameters())
+    assert agent.deployable() is agent.actor_avg
+    for b, a, lv in zip(before, avg, live, strict=True):
+        moved, lead = (a - b).norm(), (lv - b).norm()
+        assert 0 < moved < lead  # it follows the actor, more slowly
+    path = tmp_path / "ema.safetensors"
+    save_learner(path, agent, LearnerState())
+    loaded, _ = load_learner(path)
+    obs, base = rng.normal(size=OBS), np.zeros(ACT)
+    np.testing.assert_allclose(
+        loaded.act(
+            obs, base, explore=False, snapshot=loaded.snapshot()._replace(actor=loaded.deployable())
+        ),
+        agent.act(
+            obs, base, explore=False, snapshot=agent.snapshot()._replace(actor=agent.deployable())
+        ),
+        atol=1e-6,
+    )

@@ -82,6 +82,12 @@ class LearnerConfig:
     """Standardise observations with the statistics of the data at the first update."""
     actor_pessimism: float = 0.5
     """The actor maximises mean - this * std of the ensemble's Q."""
+    actor_ema: float = 0.002
+    """Polyak rate of the averaged actor that is published (0 = the actor itself)."""
+    bc_weight: float = 0.5
+    """Pull of the residual toward zero (toward the base) at the start."""
+    bc_decay_updates: int = 8000
+    """Updates over which that pull fades out."""
     probe_transitions: int = 1000
     """The residual stays zero until this many transitions were ingested (PLD's probe)."""
     warmup_ramp: int = 2000
@@ -142,6 +148,9 @@ class ResidualLearner:
                     batch_size=config.batch_size,
                     init_temperature=config.init_temperature,
                     actor_pessimism=config.actor_pessimism,
+                    actor_ema=config.actor_ema,
+                    bc_weight=config.bc_weight,
+                    bc_decay_updates=config.bc_decay_updates,
                 ),
                 seed=config.seed,
             )
@@ -237,7 +246,7 @@ class ResidualLearner:
         if scale <= 0.0 or len(self.online) == 0:
             return None
         self.agent.scale = scale
-        layers = self.agent.actor.layers()
+        layers = self.agent.deployable().layers()
         obs = self.online.latest("obs", self.config.gate_states)
         base = self.online.latest("base", self.config.gate_states)
         estimate = self.agent.value_of(layers, scale, obs, base)

@@ -25,6 +25,9 @@ policy swung between 0.85 and 0.0 success from one checkpoint to the next):
 - a pessimistic actor objective, mean - 0.5 std of the ensemble's Q: the actor no longer
   follows one critic's optimism into residuals the data never tried (the collapses were a
   large upward dz and gripper residual the critics extrapolated to).
+- a stronger early pull toward the base (0.5, fading over 8k updates) and a Polyak-averaged
+  copy of the actor (rate 0.002) as the deployed policy: the greedy policy of the live actor
+  still swings between updates, its average does much less.
 
 The critic sees (observation, base action, residual / delta); the residual it learns from is
 always the one the robot executed, ``clip((command - base) / delta, -1, 1)``, so teleoperated
@@ -108,6 +111,9 @@ class AgentConfig:
     """Updates over which that pull fades linearly to bc_floor."""
     bc_floor: float = 0.0
     """The pull's weight after it has faded (0 = pure RL afterwards)."""
+    actor_ema: float = 0.0
+    """Polyak rate of an averaged copy of the actor, the one deployed and evaluated (0 = off:
+    the actor itself). Averaging smooths the update-to-update swings of the greedy policy."""
     actor_pessimism: float = 0.0
     """The actor maximises mean - this * std of the ensemble's Q (shy of actions the critics
     disagree on, i.e. residuals the data never tried)."""
@@ -358,6 +364,7 @@ class ResidualSAC:
         self.target.load_state_dict(self.critics.state_dict())
         for p in self.target.parameters():
             p.requires_grad_(False)
+        self.actor_avg = copy.deepcopy(self.actor).requires_grad_(False) if c.actor_ema else None
         self.log_alpha = torch.tensor(math.log(c.init_temperature), requires_grad=True)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=c.actor_lr or c.lr)
         self.critic_opt = torch.optim.Adam(self.critics.parameters(), lr=c.lr)
@@ -399,6 +406,10 @@ class ResidualSAC:
         """A frozen copy of the actor and its current bound."""
         return ActorSnapshot(copy.deepcopy(self.actor).requires_grad_(False), self.scale)
 
+    def deployable(self) -> GaussianActor:
+        """The actor to deploy: the averaged copy when there is one, else the actor."""
+        return self.actor if self.actor_avg is None else self.actor_avg
+
     def set_input_stats(self, obs: np.ndarray, *, min_std: float = 1e-2) -> None:
         """Standardise the observation part of actor and critic inputs with these samples'
         mean and std (floored at ``min_std``); the base action part stays as it is."""
@@ -411,6 +422,9 @@ class ResidualSAC:
             d = self.config.obs_dim
             self.actor.in_mean[:d] = torch.from_numpy(obs.mean(0)).float()
             self.actor.in_std[:d] = torch.from_numpy(np.maximum(obs.std(0), min_std)).float()
+            if self.actor_avg is not None:
+                self.actor_avg.in_mean.copy_(self.actor.in_mean)
+                self.actor_avg.in_std.copy_(self.actor.in_std)
 
     def _actor_input(self, obs: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         return torch.cat([obs, base], -1) if self.config.residual else obs
@@ -486,6 +500,12 @@ class ResidualSAC:
             self.actor_opt.zero_grad(set_to_none=True)
             actor_loss.backward()
             self.actor_opt.step()
+            if self.actor_avg is not None:
+                with torch.no_grad():
+                    for p, ap in zip(
+                        self.actor.parameters(), self.actor_avg.parameters(), strict=True
+                    ):
+                        ap.lerp_(p, c.actor_ema)
             alpha_loss = -(self.log_alpha * (logp.detach() + self.target_entropy)).mean()
             self.alpha_opt.zero_grad(set_to_none=True)
             alpha_loss.backward()
@@ -526,13 +546,19 @@ class ResidualSAC:
             return float(self.critics(torch.cat([self.actor.normalize(x), u], -1)).mean())
 
     # ------------------------------------------------------------------ persistence
-    def state_tensors(self) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for prefix, module in (
+    def _modules_to_save(self) -> list[tuple[str, nn.Module]]:
+        out: list[tuple[str, nn.Module]] = [
             ("actor.", self.actor),
             ("critics.", self.critics),
             ("target.", self.target),
-        ):
+        ]
+        if self.actor_avg is not None:
+            out.append(("actor_avg.", self.actor_avg))
+        return out
+
+    def state_tensors(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for prefix, module in self._modules_to_save():
             for k, v in module.state_dict().items():
                 out[prefix + k] = v.detach().contiguous().numpy().copy()
         out["log_alpha"] = self.log_alpha.detach().reshape(1).numpy().copy()
@@ -552,11 +578,7 @@ class ResidualSAC:
         return out
 
     def load_state_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
-        for prefix, module in (
-            ("actor.", self.actor),
-            ("critics.", self.critics),
-            ("target.", self.target),
-        ):
+        for prefix, module in self._modules_to_save():
             state = {
                 k[len(prefix) :]: torch.from_numpy(v.copy())
                 for k, v in tensors.items()

@@ -89,10 +89,11 @@ class TrainResidualConfig:
     init_temperature: float = arg(0.001, "initial SAC temperature")
     calql_alpha: float = arg(0.0, "Cal-QL regulariser weight for the warm start (0 = off)")
     calql_steps: int = arg(0, "updates with the Cal-QL regulariser")
-    bc_weight: float = arg(0.1, "PAC-style pull of the residual toward zero at the start")
+    bc_weight: float = arg(0.5, "PAC-style pull of the residual toward zero at the start")
     bc_decay_updates: int = arg(8_000, "updates over which that pull fades to bc_floor")
     bc_floor: float = arg(0.0, "the pull's weight after it has faded")
     actor_pessimism: float = arg(0.5, "actor maximises mean - this * std of the critics' Q")
+    actor_ema: float = arg(0.002, "Polyak rate of the deployed, averaged actor (0 = the actor)")
     reward: str = arg("sim", "sim (the simulator's success flag) | learned (success detector)")
     detector_model: str = arg(
         "models/pick-place-v3-success-detector.onnx", "success detector for --reward learned"
@@ -202,6 +203,13 @@ def evaluate_policy(
         "episodes": episodes,
         "mean_length_success": float(np.mean(lengths)) if lengths else None,
     }
+
+
+def deployable(agent: ResidualSAC | None) -> ActorSnapshot | None:
+    """What the robot would run: the averaged actor when the agent keeps one."""
+    if agent is None or agent.actor_avg is None:
+        return None
+    return ActorSnapshot(agent.actor_avg, agent.scale)
 
 
 class RolloutGate:
@@ -343,10 +351,12 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                     init_temperature=config.init_temperature,
                     calql_alpha=config.calql_alpha,
                     calql_steps=config.calql_steps,
-                    bc_weight=config.bc_weight,
+                    # The pull toward zero means "toward the base": residual only.
+                    bc_weight=config.bc_weight if config.method == "residual" else 0.0,
+                    bc_floor=config.bc_floor if config.method == "residual" else 0.0,
                     bc_decay_updates=config.bc_decay_updates,
-                    bc_floor=config.bc_floor,
                     actor_pessimism=config.actor_pessimism,
+                    actor_ema=config.actor_ema,
                 ),
                 seed=config.seed,
             )
@@ -389,7 +399,7 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 method=config.method,
                 episodes=config.eval_episodes,
                 max_steps=config.eval_max_steps,
-                snapshot=gate.deployed if gate else None,
+                snapshot=gate.deployed if gate else deployable(agent),
             )
             if gate:
                 res.update(deployed_version=gate.deployed_version, candidates=gate.proposed)
