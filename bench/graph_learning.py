@@ -61,6 +61,13 @@ def main() -> int:
     p.add_argument("--action-offset", default="0,0.2,0,0", help="the simulated robot's shift")
     p.add_argument("--max-episode-steps", type=int, default=120, help="truncation limit")
     p.add_argument("--block", type=int, default=20, help="episodes per success block")
+    p.add_argument(
+        "--mode",
+        choices=("realtime", "lockstep"),
+        default="realtime",
+        help="simulator pacing: realtime (80 Hz, as a real arm; the learner keeps pace) or "
+        "lockstep (as fast as the graph runs: the robot outruns the learner's updates)",
+    )
     p.add_argument("--timeout", type=float, default=3000.0, help="give up after seconds")
     p.add_argument("--out", default="runs/bench-graph-learning", help="bags, replay, logs")
     p.add_argument("--results", default=str(RESULTS / "graph_learning.json"))
@@ -86,6 +93,10 @@ def main() -> int:
         args.action_offset,
         "--max-episode-steps",
         str(args.max_episode_steps),
+        "--mode",
+        args.mode,
+        "--camera-rate",
+        "0",
         "--timeout",
         str(args.timeout),
         "--bag-dir",
@@ -129,6 +140,7 @@ def main() -> int:
     result = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "action_offset": args.action_offset,
+        "mode": args.mode,
         "episodes": len(episodes),
         "steps": bringup["steps"],
         "control_rate_hz": bringup["control_rate_hz"],

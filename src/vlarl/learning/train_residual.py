@@ -106,6 +106,10 @@ class TrainResidualConfig:
     )
     gate_episodes: int = arg(6, "training episodes each of candidate and deployed act for")
     gate_tolerance: float = arg(0.0, "how much lower a candidate's success rate may be")
+    progress_model: str = arg(
+        "", "--reward learned: progress model whose d(o_t) - d(o_t+1) is added (empty = none)"
+    )
+    progress_weight: float = arg(0.01, "weight of that progress reward per step of progress")
     eval_every: int = arg(2_500, "environment steps between evaluations")
     eval_episodes: int = arg(20, "evaluation episodes (fixed layouts, deterministic policy)")
     eval_max_steps: int = arg(150, "steps after which an evaluation episode counts as failed")
@@ -313,8 +317,13 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
     if config.reward == "learned":
         from vlarl.rewardmodels.online import LearnedReward
 
-        # Sparse: the detector's success (no progress term), as the flag run gets.
-        reward_model = LearnedReward.load(detector=config.detector_model, task=config.task)
+        # The detector's success (sparse, as the flag run gets), plus progress if asked.
+        reward_model = LearnedReward.load(
+            detector=config.detector_model,
+            progress=config.progress_model or None,
+            progress_weight=config.progress_weight,
+            task=config.task,
+        )
     with run_folder(config.out, overwrite=config.overwrite, marker="metrics.json") as run_dir:
         write_config(run_dir, "train-residual", config)
         log = MetricsLog(run_dir)
@@ -379,6 +388,7 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
         acting: ActorSnapshot | None = None  # None: the actor being trained
         curve: list[dict[str, Any]] = []
         episodes, train_successes = 0, 0
+        detector_false, detector_missed = 0, 0  # learned reward vs the flag, training episodes
         episode_rows: dict[str, list[Any]] = {
             k: [] for k in ("obs", "next_obs", "base", "action", "reward", "terminal", "success")
         }
@@ -446,10 +456,12 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             result = robot.step(command)
             next_obs = robot.state.copy()
             # The learned detector decides success where a real robot has no flag.
-            success = (
-                result.success if reward_model is None else reward_model.step(next_obs).success
-            )
-            terminal = bool(success)
+            if reward_model is None:
+                success, reward = bool(result.success), float(result.success)
+            else:
+                learned = reward_model.step(next_obs)
+                success, reward = bool(learned.success), float(learned.reward)
+            terminal = success
             # Residual-free SAC never sees a base action: its critic learns from commands.
             stored_base = np.zeros(4) if config.method == "sac" else act_base
             for key, val in (
@@ -457,7 +469,7 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 ("next_obs", next_obs),
                 ("base", stored_base),
                 ("action", command),
-                ("reward", float(success)),
+                ("reward", reward),
                 ("terminal", terminal),
                 ("success", result.success),
             ):
@@ -468,19 +480,29 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 data = _episode_transitions(episode_rows, episode=episodes)
                 cols = episode_columns(data, gamma=config.gamma, nstep=config.nstep)
                 online.add(**cols)
-                ended_ok = bool(data.success.any())
+                ended_ok = bool(data.success.any())  # the simulator's flag: for the record
                 train_successes += int(ended_ok)
-                if probing and ended_ok:
+                # What the learner may know: the flag, or with a learned reward the detector.
+                judged_ok = ended_ok if reward_model is None else bool(terminal)
+                if reward_model is not None:
+                    detector_false += int(judged_ok and not ended_ok)
+                    detector_missed += int(ended_ok and not judged_ok)
+                if probing and judged_ok:
                     offline.add(**cols)
                 if gate and gate.acting is not None:
                     assert agent is not None
-                    verdict = gate.end_episode(ended_ok)
+                    verdict = gate.end_episode(judged_ok)
                     if verdict:
                         log.log(kind="gate", step=step, **verdict)
                     acting = gate.start_episode(agent.snapshot)
                 episodes += 1
                 log.log(
-                    kind="episode", step=step, episode=episodes, success=ended_ok, length=len(data)
+                    kind="episode",
+                    step=step,
+                    episode=episodes,
+                    success=ended_ok,
+                    judged_success=judged_ok,
+                    length=len(data),
                 )
                 episode_rows = {k: [] for k in episode_rows}
                 obs = robot.reset()
@@ -519,6 +541,8 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             "update_s": round(update_s, 1),
             "updates": agent.updates if agent else 0,
             "offline_transitions": len(offline),
+            "detector_false_successes": detector_false,
+            "detector_missed_successes": detector_missed,
             "candidates": gate.proposed if gate else 0,
             "deployed_version": gate.deployed_version if gate else 0,
             "online_transitions": len(online),
