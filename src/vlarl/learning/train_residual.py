@@ -106,6 +106,9 @@ class TrainResidualConfig:
     )
     gate_episodes: int = arg(6, "training episodes each of candidate and deployed act for")
     gate_tolerance: float = arg(0.0, "how much lower a candidate's success rate may be")
+    detector_threshold: float = arg(
+        0.0, "--reward learned: detector threshold (0 = the model's own); higher = stricter"
+    )
     progress_model: str = arg(
         "", "--reward learned: progress model whose d(o_t) - d(o_t+1) is added (empty = none)"
     )
@@ -321,6 +324,7 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
         reward_model = LearnedReward.load(
             detector=config.detector_model,
             progress=config.progress_model or None,
+            threshold=config.detector_threshold or None,
             progress_weight=config.progress_weight,
             task=config.task,
         )
