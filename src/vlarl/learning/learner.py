@@ -134,23 +134,8 @@ class ResidualLearner:
             self.resumed = True
         else:
             self.agent = ResidualSAC(
-                AgentConfig(
-                    obs_dim=self.obs_dim,
-                    action_dim=self.action_dim,
-                    residual=True,
-                    delta=config.delta,
-                    hidden=config.hidden,
-                    critics=config.critics,
-                    critic_subset=config.critic_subset,
-                    gamma=config.gamma,
-                    lr=config.lr,
-                    actor_lr=config.actor_lr,
-                    batch_size=config.batch_size,
-                    init_temperature=config.init_temperature,
-                    actor_pessimism=config.actor_pessimism,
-                    actor_ema=config.actor_ema,
-                    bc_weight=config.bc_weight,
-                    bc_decay_updates=config.bc_decay_updates,
+                AgentConfig.from_settings(
+                    config, obs_dim=self.obs_dim, action_dim=self.action_dim, residual=True
                 ),
                 seed=config.seed,
             )

@@ -46,7 +46,7 @@ import itertools
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -117,6 +117,14 @@ class AgentConfig:
     actor_pessimism: float = 0.0
     """The actor maximises mean - this * std of the ensemble's Q (shy of actions the critics
     disagree on, i.e. residuals the data never tried)."""
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> AgentConfig:
+        """The agent's hyper-parameters from a learner or run config: every field of this
+        class that ``settings`` also has (same name), then ``overrides``."""
+        names = {f.name for f in fields(cls)}
+        values = {n: getattr(settings, n) for n in names if hasattr(settings, n)}
+        return cls(**{**values, **overrides})
 
     @property
     def actor_in(self) -> int:

@@ -347,29 +347,16 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
         )
         agent: ResidualSAC | None = None
         if config.method != "base":
+            residual = config.method == "residual"
             agent = ResidualSAC(
-                AgentConfig(
+                AgentConfig.from_settings(
+                    config,
                     obs_dim=meta.obs_dim,
                     action_dim=meta.action_dim,
-                    residual=config.method == "residual",
-                    delta=config.delta,
-                    hidden=config.hidden,
-                    critics=config.critics,
-                    critic_subset=config.critic_subset,
-                    gamma=config.gamma,
-                    lr=config.lr,
-                    actor_lr=config.actor_lr,
-                    target_entropy=config.target_entropy,
-                    batch_size=config.batch_size,
-                    init_temperature=config.init_temperature,
-                    calql_alpha=config.calql_alpha,
-                    calql_steps=config.calql_steps,
+                    residual=residual,
                     # The pull toward zero means "toward the base": residual only.
-                    bc_weight=config.bc_weight if config.method == "residual" else 0.0,
-                    bc_floor=config.bc_floor if config.method == "residual" else 0.0,
-                    bc_decay_updates=config.bc_decay_updates,
-                    actor_pessimism=config.actor_pessimism,
-                    actor_ema=config.actor_ema,
+                    bc_weight=config.bc_weight if residual else 0.0,
+                    bc_floor=config.bc_floor if residual else 0.0,
                 ),
                 seed=config.seed,
             )

@@ -34,7 +34,6 @@ from vlarl.rosenv import ensure_local_discovery
 ensure_local_discovery()  # before rclpy is imported anywhere in this process
 
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any, cast  # noqa: E402
@@ -414,27 +413,9 @@ class RewardNode(Node):
 
 def main(argv: Sequence[str] | None = None) -> int:
     ensure_local_discovery()
-    import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+    from vlarl.ros.executors import run_node
 
-    rclpy.init(args=list(sys.argv if argv is None else argv))
-    node: RewardNode | None = None
-    try:
-        try:
-            node = RewardNode()
-        except ValueError as exc:
-            print(f"reward: {exc}", file=sys.stderr)
-            return 2
-        executor = SingleThreadedExecutor(context=node.context)
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return run_node(RewardNode, name="reward", argv=argv)
 
 
 if __name__ == "__main__":
