@@ -116,11 +116,22 @@ def plot(doc: dict, path: Path) -> None:
             lw=2.2,
             label=f"{labels.get(method, method)} (mean of {len(curves)} seeds)",
         )
+    for method, cmp in doc.get("comparison", {}).items():
+        ax.plot(
+            cmp["other_steps"],
+            cmp["other_mean_success"],
+            color=colors.get(method),
+            ls="--",
+            lw=1.6,
+            label=f"{labels.get(method, method)}, reward {cmp['other_reward']} (mean)",
+        )
     ax.axhline(0.95, color="grey", ls=":", lw=1)
     ax.set_xlabel("environment steps")
     ax.set_ylabel("success rate (held-out layouts)")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"{doc['task']}, action offset {doc['action_offset']}")
+    ax.set_title(
+        f"{doc['task']}, action offset {doc['action_offset']}, reward {doc.get('reward', 'sim')}"
+    )
     ax.legend(loc="lower right", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -149,7 +160,8 @@ def main() -> int:
         "--compare-with",
         default=None,
         help="a learning.json of the same methods and seeds with the other reward: adds the "
-        "ratio of final success (this run / that run) per method (issue 5's learned-vs-flag goal)",
+        "ratio of final success (this run / that run) per method (issue 5's learned-vs-flag goal) "
+        "and of mean success over the checkpoints after step 0",
     )
     p.add_argument("extra", nargs="*", help="more train-residual options (after --)")
     args = p.parse_args()
@@ -237,12 +249,21 @@ def main() -> int:
             if m not in other.get("summary", {}):
                 continue
             mine, theirs = summary[m]["mean_success"][-1], other["summary"][m]["mean_success"][-1]
+            # The whole curve as well as its end: mean success over the checkpoints after 0.
+            n = min(len(summary[m]["mean_success"]), len(other["summary"][m]["mean_success"]))
+            my_area = sum(summary[m]["mean_success"][1:n]) / max(1, n - 1)
+            their_area = sum(other["summary"][m]["mean_success"][1:n]) / max(1, n - 1)
             comparison[m] = {
                 "reward": args.reward,
                 "final_success": mine,
                 "other_reward": other.get("reward"),
                 "other_final_success": theirs,
                 "ratio": (mine / theirs) if theirs > 0 else None,
+                "mean_success_after_0": my_area,
+                "other_mean_success_after_0": their_area,
+                "area_ratio": (my_area / their_area) if their_area > 0 else None,
+                "other_steps": other["summary"][m]["steps"],
+                "other_mean_success": other["summary"][m]["mean_success"],
                 "same_seeds": sorted(doc["runs"][m]) == sorted(other["runs"].get(m, {})),
                 "same_steps": other.get("steps") == args.steps,
             }

@@ -371,6 +371,14 @@ def test_train_residual_verb_smoke(tmp_path: Path) -> None:
         )
     )
     assert learned["reward"] == "learned" and len(learned["curve"]) == 2
+    # The training episodes are replay data for the next detector, labelled by the flag.
+    from vlarl.rewardmodels.labels import load_episodes
+
+    recorded = load_episodes(tmp_path / "learned" / "episodes")
+    assert sum(e.steps for e in recorded) == learned["online_transitions"] > 0
+    assert {e.task for e in recorded} == {"pick-place-v3"}
+    assert recorded[0].version == "base@0"  # the probe: the base alone acted
+    assert sum(e.succeeded for e in recorded) == learned["train_successes"]
     gated = train(
         TrainResidualConfig(
             method="residual",

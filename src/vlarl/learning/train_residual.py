@@ -30,7 +30,7 @@ from tqdm import tqdm
 from vlarl.core.chunking import ChunkScheduler
 from vlarl.core.onnx_policy import OnnxPolicy
 from vlarl.core.safety import SafetyConfig, SafetyFilter
-from vlarl.data.replay import Transitions
+from vlarl.data.replay import ReplayWriter, Transitions
 from vlarl.graph import resolve_model_path
 from vlarl.learning.errors import LearningError
 from vlarl.learning.residual_rl import (
@@ -117,6 +117,11 @@ class TrainResidualConfig:
     eval_episodes: int = arg(20, "evaluation episodes (fixed layouts, deterministic policy)")
     eval_max_steps: int = arg(150, "steps after which an evaluation episode counts as failed")
     save_checkpoints: bool = arg(True, "save the learner at every evaluation (checkpoints/)")
+    record_episodes: bool = arg(
+        True,
+        "write every training episode to <out>/episodes in the replay format, the flag in its "
+        "success column (labelled data for the next detector: its false successes included)",
+    )
     threads: int = arg(1, "torch threads")
     out: str = arg("runs/residual", "run folder (config, metrics, learner checkpoint)")
     overwrite: bool = arg(False, "replace a finished run in --out")
@@ -331,6 +336,16 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
     with run_folder(config.out, overwrite=config.overwrite, marker="metrics.json") as run_dir:
         write_config(run_dir, "train-residual", config)
         log = MetricsLog(run_dir)
+        recorder = (
+            ReplayWriter(
+                run_dir / "episodes",
+                source=f"train-residual:{config.method}",
+                tasks=[config.task],
+                extra={"reward": config.reward, "seed": config.seed},
+            )
+            if config.record_episodes
+            else None
+        )
         robot = MetaWorldRobot(
             config.task,
             seed=config.seed,
@@ -420,6 +435,13 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                     LearnerState(env_steps=step),
                 )
 
+        def version_at(step: int) -> str:
+            # What acts from ``step`` on, for the recorded episodes' version tag.
+            if agent is None or step <= config.probe_steps:
+                return "base@0"
+            return f"{config.method}@{agent.updates}"
+
+        episode_version = version_at(1)
         evaluate_now(0)
         bar = tqdm(
             total=config.total_steps,
@@ -480,6 +502,8 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                     detector_missed += int(ended_ok and not judged_ok)
                 if probing and judged_ok:
                     offline.add(**cols)
+                if recorder is not None:
+                    recorder.add_episode(data, task=config.task, version=episode_version)
                 if gate and gate.acting is not None:
                     assert agent is not None
                     verdict = gate.end_episode(judged_ok)
@@ -496,6 +520,7 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                     length=len(data),
                 )
                 episode_rows = {k: [] for k in episode_rows}
+                episode_version = version_at(step + 1)
                 obs = robot.reset()
                 controller.reset()
                 if reward_model is not None:
@@ -517,6 +542,8 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 bar.set_postfix(success=f"{curve[-1]['success_rate']:.2f}")
             bar.update(1)
         bar.close()
+        if recorder is not None:
+            recorder.close()
         wall = time.perf_counter() - t0
         summary = {
             "method": config.method,
