@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from vlarl.graph import (
     GRAPH,
@@ -44,6 +44,13 @@ class EpisodeResult:
     episode_return: float
     wall_s: float
     residual: str = ""  # residual version acting when the episode ended ("" = base alone)
+
+
+class _ActingStatus(TypedDict):
+    """What the supervisor last heard from the policy and learner status topics."""
+
+    residual: str  # residual version acting ("" = base alone)
+    learner: dict[str, Any] | None  # last learner/status message
 
 
 @dataclass
@@ -241,6 +248,7 @@ def _supervise(
 ) -> None:
     """Watch the graph over DDS until the episodes are done (runs in this process)."""
     import rclpy
+    from rclpy.client import Client
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from sensor_msgs.msg import JointState
@@ -263,7 +271,7 @@ def _supervise(
         "episode_start": time.monotonic(),
     }
     episodes: list[EpisodeResult] = []
-    acting = {"residual": "", "learner": None}
+    acting: _ActingStatus = {"residual": "", "learner": None}
 
     def on_status(msg: JointState) -> None:
         if len(msg.position) != len(status_index):
@@ -319,7 +327,7 @@ def _supervise(
     node.create_subscription(String, topics.SAFETY_STATUS, on_safety, 10)
     node.create_subscription(String, topics.POLICY_STATUS, on_policy, 10)
     node.create_subscription(String, topics.LEARNER_STATUS, on_learner, 10)
-    reset = node.create_client(Trigger, topics.SIM_RESET)
+    reset: Client[Trigger.Request, Trigger.Response] = node.create_client(Trigger, topics.SIM_RESET)
 
     deadline = time.monotonic() + args.timeout
     try:
@@ -341,7 +349,8 @@ def _supervise(
         print(f"  graph up in {time.monotonic() - t0:.1f} s: {', '.join(names)}", flush=True)
         future = reset.call_async(Trigger.Request())
         executor.spin_until_future_complete(future, timeout_sec=10.0)
-        if not future.done() or not future.result().success:
+        response = future.result() if future.done() else None
+        if response is None or not response.success:
             raise RuntimeError("simulator reset failed")
         state["first_episode"] = state["max_episode_seen"] + 1
         state["episode_start"] = time.monotonic()

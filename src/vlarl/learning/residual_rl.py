@@ -172,6 +172,10 @@ class CriticEnsemble(nn.Module):
 class GaussianActor(nn.Module):
     """A tanh-Gaussian actor with a ReLU trunk; its mean path is what gets deployed."""
 
+    # Buffers registered in __init__ (declared here so they type as tensors, not Tensor | Module).
+    in_mean: torch.Tensor
+    in_std: torch.Tensor
+
     def __init__(self, in_dim: int, action_dim: int, hidden: int, layers: int, init_scale: float):
         super().__init__()
         dims = [in_dim] + [hidden] * layers
@@ -602,7 +606,7 @@ class ResidualSAC:
         ):
             sd = opt.state_dict()
             params = [p for group in opt.param_groups for p in group["params"]]
-            state: dict[int, dict[str, torch.Tensor]] = {}
+            opt_state: dict[int, dict[str, torch.Tensor]] = {}
             for key, val in tensors.items():
                 if key.startswith(name + "."):
                     _, pid, field_name = key.split(".", 2)
@@ -611,8 +615,8 @@ class ResidualSAC:
                     # were saved as [1]).
                     shape = () if field_name == "step" else params[int(pid)].shape
                     v = v.reshape(shape)
-                    state.setdefault(int(pid), {})[field_name] = v
-            sd["state"] = state
+                    opt_state.setdefault(int(pid), {})[field_name] = v
+            sd["state"] = opt_state
             opt.load_state_dict(sd)
 
 
