@@ -71,6 +71,15 @@ MT10_COLLECT = {  # replay folder -> collect arguments
 MT10_DATA = ",".join(str(p) for p in MT10_COLLECT)
 MT10_COMMON = "--chunk-length 8 --hidden 512 --depth 3 --seed 0 --train-steps 60000"
 MT10_DISTILL = "--hidden 256 --train-steps 15000 --lr 3e-4 --seed 0"
+# The main recipe since session 4: the teacher trains for 150k steps (BC stays at 60k: at 150k
+# it is worse), and teacher and student act from a start x_0 ~ N(0, 0.5^2 I) drawn inside the
+# ONNX graph (export --start-noise 0.5) instead of x_0 = 0; the student is distilled for that
+# start (--noise-scale 0.5).
+MT10_LONG = "--chunk-length 8 --hidden 512 --depth 3 --seed 0 --train-steps 150000"
+MT10_DISTILL_NOISE = (
+    "--hidden 256 --train-steps 30000 --lr 3e-4 --seed 0 --noise-scale 0.5 --anchor-fraction 0.5"
+)
+START_NOISE = "--start-noise 0.5"
 
 
 @dataclass(frozen=True)
@@ -80,21 +89,50 @@ class Mt10Model:
     extra: str
     teacher: str = ""  # for a student: the MT10_MODELS key of its teacher
     group: str = "main"  # "main" or the ablation it belongs to
+    export: str = ""  # extra `vlarl export` arguments
+    onnx_name: str = ""  # the ONNX file's model part when not the key (earlier files are reused)
 
 
 # model -> how it is built; a teacher comes before its student.
 MT10_MODELS: dict[str, Mt10Model] = {
+    # BC at 60k steps: at 150k it is worse (ablation "training_length").
     "bc": Mt10Model(ROOT / "runs/mt10/bc/bc.safetensors", "train-bc", MT10_COMMON),
     "teacher_k10": Mt10Model(
+        ROOT / "runs/mt10-long/teacher/teacher.safetensors",
+        "train-teacher",
+        f"{MT10_LONG} --steps 10 --task-norm",
+        export=START_NOISE,
+    ),
+    "student_1step": Mt10Model(
+        ROOT / "runs/mt10-long/student-ns0.5/student.safetensors",
+        "distill",
+        MT10_DISTILL_NOISE,
+        teacher="teacher_k10",
+        export=START_NOISE,
+    ),
+    "teacher_x0_zero": Mt10Model(
+        ROOT / "runs/mt10-long/teacher/teacher.safetensors",
+        "train-teacher",
+        f"{MT10_LONG} --steps 10 --task-norm",
+        group="x0_zero",
+    ),
+    "bc_150k": Mt10Model(
+        ROOT / "runs/mt10-long/bc/bc.safetensors", "train-bc", MT10_LONG, group="training_length"
+    ),
+    "teacher_60k": Mt10Model(
         ROOT / "runs/mt10-tasknorm/teacher/teacher.safetensors",
         "train-teacher",
         f"{MT10_COMMON} --steps 10 --task-norm",
+        group="training_length",
+        onnx_name="teacher_k10",
     ),
-    "student_1step": Mt10Model(
+    "student_60k": Mt10Model(
         ROOT / "runs/mt10-tasknorm/student/student.safetensors",
         "distill",
         MT10_DISTILL,
-        teacher="teacher_k10",
+        teacher="teacher_60k",
+        group="training_length",
+        onnx_name="student_1step",
     ),
     "bc_task_norm": Mt10Model(
         ROOT / "runs/mt10-tasknorm/bc/bc.safetensors",
@@ -136,12 +174,16 @@ MT10_MODELS: dict[str, Mt10Model] = {
     ),
 }
 MT10_ABLATIONS = {
-    "bc_task_norm": "plain BC with the teacher's per-task standardization (same demonstrations, "
-    "steps and width as the main BC)",
+    "x0_zero": "the main teacher acting from x_0 = 0 (deterministic) instead of sampled x_0",
+    "training_length": "each kind at the other training length: BC for 150k steps; the "
+    "task-norm teacher for 60k steps and its student (distilled for x_0 = 0), acting from "
+    "x_0 = 0 (session 3's main models)",
+    "bc_task_norm": "plain BC with the teacher's per-task standardization (same demonstrations "
+    "and width; 60k steps)",
     "global_norm": "the first MT10 teacher and its student: one global observation "
-    "standardization, as the main BC (same demonstrations, steps and width)",
-    "task_norm_scaled": "the main teacher's recipe trained from x_0 = r * z, r ~ U(0, 1) "
-    "(--source scaled) instead of N(0, I) (same demonstrations, steps and width)",
+    "standardization, as the main BC (same demonstrations and width; 60k steps, x_0 = 0)",
+    "task_norm_scaled": "the task-norm teacher trained from x_0 = r * z, r ~ U(0, 1) "
+    "(--source scaled) instead of N(0, I) (same demonstrations and width; 60k steps, x_0 = 0)",
     "success_filtered": "teacher with global standardization trained on the successful episodes "
     "only (--episodes success: NOT the same demonstrations); its student distilled on every state",
 }
@@ -176,13 +218,21 @@ def build_mt10(log: Path, models: dict[str, Mt10Model]) -> None:
         sh(vlarl(spec.verb, *argv), log=log)
 
 
-def export_all(models: dict[str, Path], prefix: str, log: Path) -> dict[str, Path]:
+def export_all(
+    models: dict[str, Path],
+    prefix: str,
+    log: Path,
+    extra_args: dict[str, str] | None = None,
+    names: dict[str, str] | None = None,
+) -> dict[str, Path]:
     """ONNX files of the given checkpoints (teachers with K=10 unrolled), beside them."""
     out = {}
     for model, ckpt in models.items():
-        path = ckpt.parent.parent / "onnx" / f"{prefix}-{model.replace('_', '-')}.onnx"
+        name = (names or {}).get(model) or model
+        path = ckpt.parent.parent / "onnx" / f"{prefix}-{name.replace('_', '-')}.onnx"
         if not path.is_file():
             extra = ["--steps", "10"] if model.startswith("teacher") else []
+            extra += (extra_args or {}).get(model, "").split()
             kind = model.split("_")[0]
             sh(
                 vlarl(
@@ -419,7 +469,13 @@ def main() -> int:
             raise SystemExit(f"unknown --mt10-ablations {unknown}; known: {list(MT10_ABLATIONS)}")
         models = {m: x for m, x in MT10_MODELS.items() if x.group == "main" or x.group in groups}
         build_mt10(log, models)
-        files = export_all({m: spec.ckpt for m, spec in models.items()}, "mt10", log)
+        files = export_all(
+            {m: spec.ckpt for m, spec in models.items()},
+            "mt10",
+            log,
+            {m: spec.export for m, spec in models.items()},
+            {m: spec.onnx_name for m, spec in models.items()},
+        )
         per_task: dict[str, dict[str, Any]] = {}
         overall: dict[str, Any] = {}
         for model, path in files.items():
@@ -433,10 +489,16 @@ def main() -> int:
             }
         doc["results"]["mt10"] = {
             "models": "one multi-task model per kind (instruction-conditioned), all trained on "
-            "every demonstration with the same steps and width: plain BC with one global "
-            "observation standardization, the teacher with per-task standardization, the "
-            "student distilled from it on every state",
-            "recipe": {m: f"vlarl {MT10_MODELS[m].verb} {MT10_MODELS[m].extra}" for m in MODELS},
+            "every demonstration at the same width: plain BC (60k steps; 150k is worse) with one "
+            "global observation standardization, the teacher (150k steps) with per-task "
+            "standardization, the "
+            "student distilled from it on every state; teacher and student act from "
+            "x_0 ~ N(0, 0.5^2 I) drawn inside the ONNX graph",
+            "recipe": {
+                m: f"vlarl {MT10_MODELS[m].verb} {MT10_MODELS[m].extra}"
+                + (f"; vlarl export {MT10_MODELS[m].export}" if MT10_MODELS[m].export else "")
+                for m in MODELS
+            },
             "per_task": {t: {m: row[m] for m in MODELS} for t, row in per_task.items()},
             "overall": {m: overall[m] for m in MODELS},
         }

@@ -19,7 +19,8 @@ Metadata (ONNX ``metadata_props``, all strings; keys prefixed ``vlarl.``):
   tasks           JSON list of task names the model was trained on
   instructions    JSON object task -> embedding list (length instr_dim); empty when instr_dim=0
   normalization   JSON object: obs_mean, obs_std, action_low, action_high (informational: the
-                  graph applies them)
+                  graph applies them); ``start_noise`` > 0 marks a sampling policy (x_0 drawn
+                  inside the graph, so two calls on the same input differ)
   control_dt      seconds per action step the model was trained for
   created         ISO-8601 time of export
 """
@@ -76,6 +77,12 @@ class ModelMetadata:
     def tag(self) -> str:
         """Version tag written into every action: ``model_id@version``."""
         return f"{self.model_id}@{self.version}"
+
+    @property
+    def start_noise(self) -> float:
+        """Std of the start noise the graph draws per call (0: a deterministic policy)."""
+        value = self.normalization.get("start_noise", 0.0)
+        return float(value) if isinstance(value, int | float) else 0.0
 
     def to_props(self) -> dict[str, str]:
         """Metadata as ONNX metadata_props (string -> string)."""

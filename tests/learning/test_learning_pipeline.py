@@ -161,6 +161,30 @@ def test_export_meets_the_contract(pipeline: dict[str, Path]) -> None:
         assert chunk.shape == (4, 4) and np.abs(chunk).max() <= 1.0
 
 
+def test_export_with_start_noise_samples_repeatably(pipeline: dict[str, Path]) -> None:
+    """--start-noise: x_0 is drawn inside the graph; a new session repeats the same draws."""
+    from vlarl.core.onnx_policy import OnnxPolicy
+
+    for name in ("student", "teacher"):
+        out = pipeline["root"] / f"{name}-sampling.onnx"
+        args = ["export", "--checkpoint", str(pipeline[name]), "--out", str(out)]
+        assert main([*args, "--start-noise", "0.5", "--tensorrt", "off"]) == 0
+        report = json.loads(out.with_suffix(".export.json").read_text())
+        assert report["max_abs_err_vs_pytorch"] < 1e-4  # the graph with the noise scaled to 0
+        meta = OnnxPolicy.load(out, providers="cpu").metadata
+        assert meta.start_noise == 0.5
+        runs = []
+        for _ in range(2):
+            policy = OnnxPolicy.load(out, providers="cpu")
+            obs = np.zeros(39, np.float32)
+            runs.append([policy.predict(obs, task="reach-v3").copy() for _ in range(3)])
+        assert not np.array_equal(runs[0][0], runs[0][1])  # each call draws a new start
+        for a, b in zip(*runs, strict=True):
+            np.testing.assert_array_equal(a, b)  # and a new session the same sequence
+    with pytest.raises(LearningError, match="start-noise"):
+        main([*args[:-1], str(pipeline["root"] / "neg.onnx"), "--start-noise", "-1"])
+
+
 def test_export_refuses_to_overwrite(pipeline: dict[str, Path]) -> None:
     with pytest.raises(LearningError, match="exists"):
         main(

@@ -4,13 +4,17 @@ The exported graph is the whole policy: raw ``obs`` [B, obs_dim] (and ``instruct
 [B, instr_dim] for instruction-conditioned models) in, ``action_chunk`` [B, H, A] in robot
 units out, with observation standardization and action scaling inside (:mod:`vlarl.contract`).
 A teacher is exported with its K Euler steps unrolled (``--steps``), a student as one network
-evaluation; both start from x_0 = 0, so the graph is deterministic. Metadata: model id,
+evaluation; both start from x_0 = 0, so the graph is deterministic, unless ``--start-noise s``
+draws x_0 ~ N(0, s^2 I) inside the graph (ONNX ``RandomNormalLike``: a fresh start per call, as a
+flow policy samples; the contract's inputs and outputs stay the same). Metadata: model id,
 version, kind, dims, chunk length, tasks, per-task instruction embeddings (the runtime needs no
 sentence encoder), normalization and control period.
 
 Checks: ONNX Runtime (CPU) against PyTorch on observations drawn around the training data
 (max abs error printed; above ``--tolerance`` the export fails and nothing is written), then the
-runtime's own loader. With a GPU, an fp16 TensorRT engine is built beside the ONNX and checked
+runtime's own loader. With start noise the numerical check runs on the same graph with the
+noise scaled to 0 (the only difference), and the noisy graph must give finite chunks that vary
+between calls. With a GPU, an fp16 TensorRT engine is built beside the ONNX and checked
 against ONNX Runtime; without one that step is skipped with the reason.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -38,7 +43,7 @@ from vlarl.data.replay import atomic_write_bytes
 from vlarl.learning import tensorrt
 from vlarl.learning.checkpoint import Checkpoint, load_checkpoint
 from vlarl.learning.errors import ExportCheckError, LearningError
-from vlarl.learning.networks import FlowPolicy, PolicyBase
+from vlarl.learning.networks import ConsistencyPolicy, FlowPolicy, PolicyBase
 from vlarl.learning.runs import add_config_arguments, arg, config_from_args, write_json
 
 OPSET = 17
@@ -53,38 +58,54 @@ class ExportConfig:
     model_id: str = arg("", "model id in the metadata (default: <first task>-<kind>)")
     version: int = arg(1, "model version in the metadata (increase with every export)")
     steps: int = arg(0, "teacher only: Euler steps unrolled into the graph (0 = the model's K)")
+    start_noise: float = arg(
+        0.0, "std of the start x_0 drawn inside the graph per call (0 = x_0 = 0, deterministic)"
+    )
     tolerance: float = arg(1e-4, "largest allowed |onnxruntime - pytorch| on the check inputs")
     check_samples: int = arg(512, "observations used for the numerical check")
     tensorrt: str = arg("auto", "fp16 TensorRT engine: 'auto' (if a GPU is here), 'on', 'off'")
     overwrite: bool = arg(False, "replace an existing ONNX file")
-    seed: int = arg(0, "seed of the check inputs")
+    seed: int = arg(0, "seed of the check inputs and of the graph's start noise")
 
 
-class _ObsOnly(nn.Module):
-    def __init__(self, policy: PolicyBase) -> None:
+class _Sampler(nn.Module):
+    """The policy from x_0 = start_noise * N(0, I); 0 traces to the deterministic x_0 = 0."""
+
+    def __init__(self, policy: PolicyBase, start_noise: float) -> None:
         super().__init__()
         self.policy = policy
+        self.start_noise = start_noise
 
+    def act(self, obs: torch.Tensor, instruction: torch.Tensor | None) -> torch.Tensor:
+        if self.start_noise == 0.0 or not isinstance(self.policy, FlowPolicy | ConsistencyPolicy):
+            return self.policy(obs, instruction)
+        cond = self.policy.condition(obs, instruction)
+        zeros = cond.new_zeros(cond.shape[0], self.policy.flat)
+        start = self.start_noise * torch.randn_like(zeros)
+        return self.policy.to_chunk(self.policy.sample_normalized(cond, start))
+
+
+class _ObsOnly(_Sampler):
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.policy(obs)
+        return self.act(obs, None)
 
 
-class _ObsInstruction(nn.Module):
-    def __init__(self, policy: PolicyBase) -> None:
-        super().__init__()
-        self.policy = policy
-
+class _ObsInstruction(_Sampler):
     def forward(self, obs: torch.Tensor, instruction: torch.Tensor) -> torch.Tensor:
-        return self.policy(obs, instruction)
+        return self.act(obs, instruction)
 
 
-def metadata_for(ckpt: Checkpoint, *, model_id: str, version: int, steps: int) -> ModelMetadata:
+def metadata_for(
+    ckpt: Checkpoint, *, model_id: str, version: int, steps: int, start_noise: float = 0.0
+) -> ModelMetadata:
     spec = ckpt.spec
     normalization: dict[str, Any] = dict(ckpt.policy.normalizer.to_json())
     if ckpt.policy.task_norm is not None:  # the graph uses these, not the global statistics
         normalization["per_task"] = ckpt.policy.task_norm.to_json(list(ckpt.tasks))
     if spec.kind == "teacher":
         normalization["integration_steps"] = steps
+    if start_noise > 0:
+        normalization["start_noise"] = start_noise
     return ModelMetadata(
         model_id=model_id,
         version=version,
@@ -102,18 +123,18 @@ def metadata_for(ckpt: Checkpoint, *, model_id: str, version: int, steps: int) -
     )
 
 
-def to_onnx_bytes(policy: PolicyBase) -> bytes:
+def to_onnx_bytes(policy: PolicyBase, *, start_noise: float = 0.0) -> bytes:
     """The policy as ONNX (dynamic batch), without metadata."""
     spec = policy.spec
     policy = policy.eval()
     obs = torch.zeros(2, spec.obs_dim)
     wrapper: nn.Module
     if spec.instr_dim > 0:
-        wrapper = _ObsInstruction(policy)
+        wrapper = _ObsInstruction(policy, start_noise)
         args: tuple[torch.Tensor, ...] = (obs, torch.zeros(2, spec.instr_dim))
         names = [INPUT_OBS, INPUT_INSTRUCTION]
     else:
-        wrapper = _ObsOnly(policy)
+        wrapper = _ObsOnly(policy, start_noise)
         args = (obs,)
         names = [INPUT_OBS]
     axes = {n: {0: "batch"} for n in names} | {OUTPUT_ACTION_CHUNK: {0: "batch"}}
@@ -133,6 +154,22 @@ def to_onnx_bytes(policy: PolicyBase) -> bytes:
             do_constant_folding=True,
         )
     return buf.getvalue()
+
+
+def seed_random_nodes(onnx_bytes: bytes, *, seed: int) -> bytes:
+    """Give the graph's random nodes a seed: a new session draws the same sequence of starts,
+    so evaluations repeat exactly (each call still draws a new start)."""
+    import onnx
+
+    model = onnx.load_model_from_string(onnx_bytes)
+    random_nodes = [n for n in model.graph.node if n.op_type.startswith("Random")]
+    if not random_nodes:
+        return onnx_bytes
+    for node in random_nodes:
+        for attr in [a for a in node.attribute if a.name == "seed"]:
+            node.attribute.remove(attr)
+        node.attribute.append(onnx.helper.make_attribute("seed", float(seed)))
+    return model.SerializeToString()
 
 
 def with_metadata(onnx_bytes: bytes, meta: ModelMetadata, *, doc: str) -> bytes:
@@ -192,12 +229,22 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     model_id = (
         cfg.model_id or f"{ckpt.tasks[0] if len(ckpt.tasks) == 1 else 'multitask'}-{ckpt.spec.kind}"
     )
-    meta = metadata_for(ckpt, model_id=model_id, version=cfg.version, steps=steps)
+    if not (math.isfinite(cfg.start_noise) and cfg.start_noise >= 0):
+        raise LearningError(f"--start-noise must be >= 0, got {cfg.start_noise}")
+    if cfg.start_noise > 0 and not isinstance(policy, FlowPolicy | ConsistencyPolicy):
+        raise LearningError("--start-noise applies to teacher and student checkpoints only")
+    meta = metadata_for(
+        ckpt, model_id=model_id, version=cfg.version, steps=steps, start_noise=cfg.start_noise
+    )
     doc = (
         f"vlarl {ckpt.spec.kind} policy exported from {Path(cfg.checkpoint).name} "
         f"(sha256 {ckpt.sha256[:16]}, step {ckpt.step})"
     )
-    onnx_bytes = with_metadata(to_onnx_bytes(policy), meta, doc=doc)
+    onnx_bytes = with_metadata(
+        seed_random_nodes(to_onnx_bytes(policy, start_noise=cfg.start_noise), seed=cfg.seed),
+        meta,
+        doc=doc,
+    )
 
     feeds = check_inputs(ckpt, cfg.check_samples, cfg.seed)
     with torch.no_grad():
@@ -205,13 +252,17 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         reference = policy(
             torch.from_numpy(feeds[INPUT_OBS]), None if instr is None else torch.from_numpy(instr)
         ).numpy()
-    got = ort_run(onnx_bytes, feeds)
+    # With start noise, the same graph traced with the noise scaled to 0 is checked numerically.
+    checked = onnx_bytes if cfg.start_noise == 0 else to_onnx_bytes(policy, start_noise=0.0)
+    got = ort_run(checked, feeds)
     max_err = float(np.max(np.abs(got - reference)))
     if not max_err <= cfg.tolerance:
         raise ExportCheckError(
             f"ONNX Runtime differs from PyTorch by {max_err:.3e} "
             f"(> --tolerance {cfg.tolerance:g}); nothing written"
         )
+    if cfg.start_noise > 0:
+        _check_sampling(onnx_bytes, feeds)
     atomic_write_bytes(out, onnx_bytes, overwrite=cfg.overwrite)
     runtime_check = _runtime_check(out)
 
@@ -239,6 +290,18 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     write_json(out.with_suffix(".export.json"), result)
     result["tensorrt_text"] = report.describe()
     return result
+
+
+def _check_sampling(onnx_bytes: bytes, feeds: dict[str, np.ndarray]) -> None:
+    """A sampling graph gives finite chunks, and two calls on the same input differ."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    first, second = (sess.run([OUTPUT_ACTION_CHUNK], feeds)[0] for _ in range(2))
+    if not (np.isfinite(first).all() and np.isfinite(second).all()):
+        raise ExportCheckError("the sampling graph gave non-finite actions; nothing written")
+    if np.array_equal(first, second):
+        raise ExportCheckError("the sampling graph gave the same chunks twice; nothing written")
 
 
 def _runtime_check(path: Path) -> str:
