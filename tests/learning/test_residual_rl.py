@@ -330,6 +330,7 @@ def test_train_residual_verb_smoke(tmp_path: Path) -> None:
     """Every method runs end to end on a tiny budget through the real simulator and safety."""
     from vlarl.learning.train_residual import TrainResidualConfig, train
 
+    tiny = {"eval_episodes": 1, "hidden": 16, "critics": 2, "batch_size": 16, "progress": False}
     for method in ("residual", "sac", "base"):
         summary = train(
             TrainResidualConfig(
@@ -338,15 +339,11 @@ def test_train_residual_verb_smoke(tmp_path: Path) -> None:
                 probe_steps=40,
                 warmup_ramp=40,
                 eval_every=60,
-                eval_episodes=1,
                 eval_max_steps=15,
                 max_episode_steps=30,
-                hidden=16,
-                critics=2,
-                batch_size=16,
                 action_offset="0,0.2,0,0",
                 out=str(tmp_path / method),
-                progress=False,
+                **tiny,
             )
         )
         assert [c["step"] for c in summary["curve"]] == [0, 60, 120]
@@ -360,14 +357,10 @@ def test_train_residual_verb_smoke(tmp_path: Path) -> None:
             probe_steps=20,
             warmup_ramp=20,
             eval_every=60,
-            eval_episodes=1,
             eval_max_steps=10,
             max_episode_steps=30,
-            hidden=16,
-            critics=2,
-            batch_size=16,
             out=str(tmp_path / "learned"),
-            progress=False,
+            **tiny,
         )
     )
     assert learned["reward"] == "learned" and len(learned["curve"]) == 2
@@ -388,14 +381,10 @@ def test_train_residual_verb_smoke(tmp_path: Path) -> None:
             probe_steps=30,
             warmup_ramp=30,
             eval_every=150,
-            eval_episodes=1,
             eval_max_steps=10,
             max_episode_steps=20,
-            hidden=16,
-            critics=2,
-            batch_size=16,
             out=str(tmp_path / "gated"),
-            progress=False,
+            **tiny,
         )
     )
     rows = [json.loads(line) for line in (tmp_path / "gated" / "metrics.jsonl").open()]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -333,15 +334,20 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
             progress_weight=config.progress_weight,
             task=config.task,
         )
-    with run_folder(config.out, overwrite=config.overwrite, marker="metrics.json") as run_dir:
+    with (
+        run_folder(config.out, overwrite=config.overwrite, marker="metrics.json") as run_dir,
+        ExitStack() as stack,
+    ):
         write_config(run_dir, "train-residual", config)
         log = MetricsLog(run_dir)
         recorder = (
-            ReplayWriter(
-                run_dir / "episodes",
-                source=f"train-residual:{config.method}",
-                tasks=[config.task],
-                extra={"reward": config.reward, "seed": config.seed},
+            stack.enter_context(
+                ReplayWriter(
+                    run_dir / "episodes",
+                    source=f"train-residual:{config.method}",
+                    tasks=[config.task],
+                    extra={"reward": config.reward, "seed": config.seed},
+                )
             )
             if config.record_episodes
             else None
@@ -542,8 +548,6 @@ def train(config: TrainResidualConfig) -> dict[str, Any]:
                 bar.set_postfix(success=f"{curve[-1]['success_rate']:.2f}")
             bar.update(1)
         bar.close()
-        if recorder is not None:
-            recorder.close()
         wall = time.perf_counter() - t0
         summary = {
             "method": config.method,
