@@ -36,6 +36,7 @@ from typing import Any
 import rclpy
 from geometry_msgs.msg import TwistStamped
 from rclpy.clock import Clock, ClockType
+from rclpy.duration import Duration
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, qos_profile_sensor_data
@@ -59,6 +60,7 @@ from vlarl.ros.params import Param, declare
 from vlarl.ros.realtime import MAX_PRIORITY, current_policy, set_realtime_priority
 
 _DEFAULTS = SafetyConfig()
+SHUTDOWN_ACK_TIMEOUT_S = 0.5  # at most this long per publisher for the last hold's delivery
 
 PARAMS: tuple[Param, ...] = (
     Param("delta", _DEFAULTS.delta, "residual bound: residual clipped to [-delta, +delta]",
@@ -279,6 +281,10 @@ class SafetyNode(Node):
             return
         self._publish(self.filter.shutdown_hold(time.monotonic()))
         self.publish_status()
+        # Reliable delivery needs the writer alive until readers acknowledge: destroying the
+        # node right after publishing can drop the hold (seen once in a fresh-clone run).
+        for pub in (self._command_pub, self._status_pub):
+            pub.wait_for_all_acked(Duration(seconds=SHUTDOWN_ACK_TIMEOUT_S))
         self.stopped.set_result(True)
 
 
