@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
 
+from vlarl.core.residual import EXPLORATION_NOISE_STD
 from vlarl.graph import (
     GRAPH,
     LEARNING,
@@ -183,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
             if args.learner_checkpoint
             else log_dir / "learner.safetensors"
         )
-        overrides["policy"]["residual_noise_std"] = 0.05
+        overrides["policy"]["residual_noise_std"] = EXPLORATION_NOISE_STD
         overrides["bridge"] = {"bag_dir": str(bag_dir / bag_name), "replay_dir": str(replay)}
         overrides["learner"] = {
             "base_model": model,

@@ -32,7 +32,8 @@ LEARNER = {
     "hidden": 16,
     "critics": 2,
     "batch_size": 16,
-    "gate": "none",
+    "prescreen": "none",
+    "safety_check_timeout_s": 2.0,
     "poll_period_s": 0.1,
     "status_rate_hz": 5.0,
 }
@@ -132,6 +133,7 @@ def test_learner_streams_versions_to_the_policy_and_resumes_after_kill(
     checkpoint = tmp_path / "learner.safetensors"
     _write_episodes(replay, tag="graph-policy@1", episodes=4, seed=0)
     start("policy", model=str(model), task="pick-place-v3")
+    start("safety")  # the learner publishes only once safety's delta equals its own
     learner = start(
         "learner",
         base_model=str(model),
@@ -188,5 +190,34 @@ def test_learner_streams_versions_to_the_policy_and_resumes_after_kill(
             status = h.learner[-1]
         assert status["transitions"] == 200  # every shard re-read, none twice
         assert status["version"] > version_before
+    finally:
+        h.close()
+
+
+def test_learner_publishes_nothing_when_safety_delta_differs(
+    start: Any, rclpy_context: Any, tmp_path: Path
+) -> None:
+    model = make_policy(model_id="graph-policy", version=1, seed=1).save(tmp_path / "base.onnx")
+    replay = tmp_path / "replay"
+    _write_episodes(replay, tag="graph-policy@1", episodes=4, seed=0)
+    start("safety", delta=0.2)  # the learner's delta is the default 0.3
+    start(
+        "learner",
+        base_model=str(model),
+        replay_dir=str(replay),
+        checkpoint=str(tmp_path / "learner.safetensors"),
+        **LEARNER,
+    )
+    h = Harness(rclpy_context)
+    try:
+        assert wait_until(
+            lambda: bool(h.learner) and h.learner[-1]["delta_check"].startswith("mismatch"),
+            timeout=TIMEOUT,
+        ), h.learner[-1:]
+        # It trains, but no version is ever published or proposed.
+        assert wait_until(lambda: h.learner[-1]["updates"] >= 80, timeout=TIMEOUT)
+        time.sleep(1.0)
+        assert h.learner[-1]["published"] == 0 and h.learner[-1]["version"] == 0
+        assert "safety's delta is 0.2" in h.learner[-1]["delta_check"]
     finally:
         h.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -260,39 +261,45 @@ def _write_replay(
             writer.add_episode(ep, task="pick-place-v3", version=tag)
 
 
+def _learner_config(**overrides: object) -> LearnerConfig:
+    return LearnerConfig(agent=AgentConfig(**SMALL), **overrides)  # type: ignore[arg-type]
+
+
 def test_learner_ingests_trains_gates_publishes_and_resumes(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     replay = tmp_path / "replay"
     _write_replay(replay, rng, tag="base-policy@3", episodes=6, successes=3)
-    cfg = LearnerConfig(
-        replay_dir=str(replay),
-        checkpoint=str(tmp_path / "ck.safetensors"),
-        probe_transitions=60,
-        warmup_ramp=100,
-        utd=2,
-        **SMALL,
-    )
+    cfg = _learner_config(probe_transitions=60, warmup_ramp=100, utd=2)
+    paths = {"checkpoint": tmp_path / "ck.safetensors", "replay_dir": replay}
     meta = _meta()
-    learner = ResidualLearner(cfg, base=meta)
+    learner = ResidualLearner(cfg, base=meta, **paths)
     assert learner.ingest() == 180
     assert len(learner.offline) == 90  # the 3 successful base episodes
     assert learner.ingest() == 0  # nothing new
     assert learner.train(max_updates=10_000) == 360  # utd x transitions
+    assert learner.achieved_utd() == 2.0 and learner.updates_owed == 0
     first = learner.propose()
     assert first is not None and first.accepted and first.blob is not None
     weights = decode_residual(first.blob)
     assert (weights.tag, weights.parent, weights.base) == ("residual@1", 0, meta.tag)
     assert weights.scale == pytest.approx(0.3)
     check_compatible(weights, obs_dim=OBS, action_dim=ACT, base_tag=meta.tag, current=None)
-    # A stricter gate refuses the next candidate (estimate must beat deployed by 1.0).
-    learner.config.gate_tolerance = -1.0
+    # Proposed is not deployed: only promote() (the gate's verdict) deploys.
+    assert learner.state.deployed_version == 0
+    learner.promote(first, verdict={"accepted": True})
+    assert learner.state.deployed_version == 1
+    # A stricter pre-screen refuses the next candidate (estimate must beat deployed by 1.0).
+    learner.config.prescreen_tolerance = -1.0
     refused = learner.propose()
     assert refused is not None and not refused.accepted and refused.blob is None
     assert learner.gated == 1 and learner.state.version == 1
-    learner.config.gate_tolerance = 0.02
+    with pytest.raises(LearningError, match="pre-screen"):
+        learner.promote(refused)
+    learner.config.prescreen_tolerance = 0.02
     second = learner.propose()
-    assert second is not None and second.accepted
+    assert second is not None and second.accepted and second.blob is not None
     assert decode_residual(second.blob).parent == 1
+    learner.promote(second)
     # Interventions go to the offline buffer too; residual-acted episodes don't.
     _write_replay(replay, rng, tag="base-policy@3+residual@2", episodes=2, successes=2)
     _write_replay(replay, rng, tag="teleop", episodes=1, successes=0, intervention=True)
@@ -302,13 +309,34 @@ def test_learner_ingests_trains_gates_publishes_and_resumes(tmp_path: Path) -> N
     updates = learner.agent.updates
     learner.save()
     # "Killed" and restarted: same checkpoint and replay, nothing re-done, nothing lost.
-    again = ResidualLearner(cfg, base=meta)
+    again = ResidualLearner(cfg, base=meta, **paths)
     assert again.resumed and again.state.version == 2 and again.agent.updates == updates
+    assert again.state.deployed_version == 2
     assert again.ingest() == 270
     assert again.updates_owed == 270 * 2 - updates
     status = again.status()
     assert status["episodes_by_tag"]["base-policy@3"] == {"episodes": 6, "successes": 3}
     assert status["episodes_by_tag"]["base-policy@3+residual@2"]["successes"] == 2
+    # A checkpoint of a residual on another base is refused: a new base starts a new learner.
+    other = dataclasses.replace(meta, version=meta.version + 1)
+    with pytest.raises(LearningError, match="fresh residual"):
+        ResidualLearner(cfg, base=other, **paths)
+
+
+def test_learner_forgives_debt_it_cannot_pay(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    replay = tmp_path / "replay"
+    _write_replay(replay, rng, tag="base-policy@3", episodes=10, successes=2)
+    learner = ResidualLearner(
+        _learner_config(utd=4, max_owed_updates=100), base=_meta(), replay_dir=replay
+    )
+    assert learner.ingest() == 300
+    assert learner.updates_owed == 100 and learner.updates_forgiven == 1100
+    assert learner.train(max_updates=40) == 40
+    status = learner.status()
+    assert status["updates_owed"] == 60 and status["achieved_utd"] == pytest.approx(
+        40 / 300, abs=1e-3
+    )
 
 
 def test_learner_reports_bad_shards(tmp_path: Path) -> None:
@@ -319,48 +347,55 @@ def test_learner_reports_bad_shards(tmp_path: Path) -> None:
     shard = sorted(replay.glob("shard-*.safetensors"))[0]
     shard.write_bytes(shard.read_bytes()[:-50])  # truncated after it was written
     learner = ResidualLearner(
-        LearnerConfig(replay_dir=str(replay), checkpoint=str(tmp_path / "c.safetensors"), **SMALL),
+        _learner_config(),
         base=_meta(),
+        checkpoint=tmp_path / "c.safetensors",
+        replay_dir=replay,
     )
     assert learner.ingest() == 30
     assert list(learner.bad_shards) == [shard.name]
 
 
 def test_train_residual_verb_smoke(tmp_path: Path) -> None:
-    """Every method runs end to end on a tiny budget through the real simulator and safety."""
+    """Both methods and both gates run end to end on a tiny budget through the real simulator,
+    the policy node's residual actor and safety; the learner is the node's learner core."""
+    from vlarl.learning.gate import GateConfig
     from vlarl.learning.train_residual import TrainResidualConfig, train
 
-    tiny = {"eval_episodes": 1, "hidden": 16, "critics": 2, "batch_size": 16, "progress": False}
-    for method in ("residual", "sac", "base"):
+    tiny = {"eval_episodes": 1, "progress": False, "max_episode_steps": 30}
+
+    def learner(**kw: object) -> LearnerConfig:
+        return _learner_config(publish_every=20, **kw)
+
+    for method in ("residual", "base"):
         summary = train(
             TrainResidualConfig(
                 method=method,
                 total_steps=120,
-                probe_steps=40,
-                warmup_ramp=40,
+                learner=learner(probe_transitions=40, warmup_ramp=40),
+                gate="none",
                 eval_every=60,
                 eval_max_steps=15,
-                max_episode_steps=30,
                 action_offset="0,0.2,0,0",
                 out=str(tmp_path / method),
-                **tiny,
+                **tiny,  # type: ignore[arg-type]
             )
         )
         assert [c["step"] for c in summary["curve"]] == [0, 60, 120]
-        assert summary["online_transitions"] + 30 >= 120
+        assert summary["env_steps"] >= 120
         assert (tmp_path / method / "metrics.json").is_file()
+        if method == "residual":
+            assert summary["candidates"] >= 1 and "+residual@" in summary["deployed"]
+            assert summary["achieved_utd"] == pytest.approx(2.0, abs=0.05)
     learned = train(
         TrainResidualConfig(
-            method="residual",
             reward="learned",
             total_steps=60,
-            probe_steps=20,
-            warmup_ramp=20,
+            learner=learner(probe_transitions=20, warmup_ramp=20),
             eval_every=60,
             eval_max_steps=10,
-            max_episode_steps=30,
             out=str(tmp_path / "learned"),
-            **tiny,
+            **tiny,  # type: ignore[arg-type]
         )
     )
     assert learned["reward"] == "learned" and len(learned["curve"]) == 2
@@ -370,63 +405,29 @@ def test_train_residual_verb_smoke(tmp_path: Path) -> None:
     recorded = load_episodes(tmp_path / "learned" / "episodes")
     assert sum(e.steps for e in recorded) == learned["online_transitions"] > 0
     assert {e.task for e in recorded} == {"pick-place-v3"}
-    assert recorded[0].version == "base@0"  # the probe: the base alone acted
+    assert recorded[0].version == "pick-place-v3-student@1"  # the probe: the base alone acted
     assert sum(e.succeeded for e in recorded) == learned["train_successes"]
     gated = train(
         TrainResidualConfig(
-            method="residual",
             gate="rollouts",
-            gate_episodes=1,
-            total_steps=150,
-            probe_steps=30,
-            warmup_ramp=30,
-            eval_every=150,
+            gate_rule=GateConfig(min_episodes=1, look_every=1, max_episodes=2),
+            total_steps=200,
+            learner=learner(probe_transitions=30, warmup_ramp=30),
+            eval_every=200,
             eval_max_steps=10,
-            max_episode_steps=20,
             out=str(tmp_path / "gated"),
-            **tiny,
+            **tiny,  # type: ignore[arg-type]
         )
     )
     rows = [json.loads(line) for line in (tmp_path / "gated" / "metrics.jsonl").open()]
     gates = [r for r in rows if r["kind"] == "gate"]
-    # 120 steps after the probe in episodes of at most 20, candidate and deployed taking
-    # turns: at least 3 verdicts.
-    assert len(gates) >= 3 and gated["candidates"] >= len(gates)
+    assert gates and gated["candidates"] >= len(gates)
     accepted = [g["candidate"] for g in gates if g["accepted"]]
-    assert gated["deployed_version"] == (accepted[-1] if accepted else 0)
-    for g in gates:
-        assert g["accepted"] == (g["success_rate"] >= g["deployed_rate"])
+    assert gated["deployed"] == (accepted[-1] if accepted else "pick-place-v3-student@1")
+    for g in gates:  # no verdict without a candidate success
+        assert not g["accepted"] or g["candidate_successes"] > 0
     with pytest.raises(LearningError, match="action_offset"):
         train(TrainResidualConfig(action_offset="0,2,0,0", out=str(tmp_path / "bad")))
-
-
-def test_rollout_gate_takes_turns_and_deploys_only_improvements() -> None:
-    from vlarl.learning.train_residual import RolloutGate
-
-    agent = ResidualSAC(AgentConfig(**SMALL), seed=0)
-    base_version = agent.snapshot()
-    gate = RolloutGate(base_version, episodes=2, tolerance=0.0)
-    made: list[object] = []
-
-    def propose() -> object:
-        made.append(agent.snapshot())
-        return made[-1]
-
-    # Trial 1: candidate 2/2, deployed 1/2 -> deployed.
-    order = []
-    for success in (True, True, True, False):
-        who = gate.start_episode(propose)
-        order.append(gate.acting)
-        verdict = gate.end_episode(success if who is made[0] else not success)
-    assert order == ["candidate", "deployed", "candidate", "deployed"]
-    assert verdict is not None and verdict["accepted"] and verdict["success_rate"] == 1.0
-    assert gate.deployed is made[0] and gate.deployed_version == 1
-    # Trial 2: candidate 0/2 against the deployed 2/2 -> refused, version 1 stays.
-    for _ in range(4):
-        who = gate.start_episode(propose)
-        verdict = gate.end_episode(who is not made[1])
-    assert verdict is not None and not verdict["accepted"]
-    assert gate.deployed is made[0] and gate.deployed_version == 1 and gate.proposed == 2
 
 
 def test_averaged_actor_is_deployed_and_checkpointed(tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 _TAG = re.compile(r"^[A-Za-z0-9_.\-]+@\d+$")
+EXPLORATION_NOISE_STD = 0.05
+"""Std of the Gaussian noise added to an active residual while learning (the policy node's
+``residual_noise_std`` under ``--learn``; ``vlarl train-residual`` / ``improve`` use it too)."""
 
 
 class ResidualError(ValueError):

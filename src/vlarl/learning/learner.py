@@ -1,17 +1,22 @@
-"""The off-board learner: replay shards in, gated residual-actor weight blobs out (ROS-free).
+"""The learner core: transitions in, residual-actor candidate versions out (ROS-free).
 
-:class:`ResidualLearner` is what the ``learner`` node runs in its worker thread:
+One core for both transports: the ``learner`` node feeds it the replay shards the bag bridge
+writes (:meth:`ResidualLearner.ingest`), ``vlarl improve`` / ``vlarl train-residual`` feed it
+each finished episode directly (:meth:`ResidualLearner.add`); everything after that is the
+same code:
 
-1. :meth:`ingest` reads the replay shards the bag bridge has written since the last call
-   (shard names only grow), splits them into the offline buffer (successful episodes acted by
-   the base alone, and every intervention step: HIL-SERL puts those in both buffers) and the
-   online buffer (everything), and counts episodes and successes per acting version tag;
-2. :meth:`train` runs SAC/RLPD updates (``utd`` per ingested transition);
-3. :meth:`propose` turns the current actor into a candidate version and gates it: the critic's
-   off-policy estimate of the candidate on recent states must not be below the deployed
-   version's by more than ``gate_tolerance`` (RL-100's "not worse than deployed"); an accepted
-   candidate comes back as a weight blob (:mod:`vlarl.core.weights`) with model id, version,
-   parent version and digest;
+1. :meth:`add` splits an episode into the offline buffer (successful episodes acted by the base
+   alone, and every intervention step: HIL-SERL puts those in both buffers) and the online
+   buffer (everything), and counts episodes and successes per acting version tag;
+2. :meth:`train` runs the SAC/RLPD updates owed (``utd`` per transition; the actor every
+   ``utd``-th update). A learner that cannot keep up says so (``achieved_utd``,
+   ``updates_owed``) and forgives debt beyond ``max_owed_updates`` (``updates_forgiven``) instead
+   of falling ever further behind;
+3. :meth:`propose` turns the averaged actor into a candidate version (a weight blob,
+   :mod:`vlarl.core.weights`, with model id, version, parent and digest). The critic only
+   pre-screens: a candidate it rates below the deployed version by more than
+   ``prescreen_tolerance`` is not proposed. Promotion is decided on robot rollouts by
+   :class:`vlarl.learning.gate.DeploymentGate`; :meth:`promote` records the verdict;
 4. :meth:`save` checkpoints the agent and the learner's state (safetensors, atomic). A killed
    learner restarted on the same checkpoint and replay folder resumes: the replay shards (rebuilt
    from the bags by the bridge) are re-read, so no transition is lost.
@@ -22,7 +27,8 @@ from __future__ import annotations
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +37,7 @@ import numpy as np
 from vlarl.contract import ModelMetadata
 from vlarl.core.weights import encode_residual
 from vlarl.data.errors import ReplayError
-from vlarl.data.replay import list_shards, read_shard
+from vlarl.data.replay import Transitions, list_shards, read_shard
 from vlarl.learning.errors import LearningError
 from vlarl.learning.residual_rl import (
     AgentConfig,
@@ -44,70 +50,50 @@ from vlarl.learning.residual_rl import (
     save_learner,
     warmup_scale,
 )
+from vlarl.learning.runs import arg, nested
+
+PRESCREENS = ("critic", "none")
 
 
 @dataclass
 class LearnerConfig:
-    """What the learner node's parameters set."""
+    """The learner core's settings, for the graph's node and in-process runs alike; the defaults
+    are the tuned recipe. The node's parameters and the verbs' flags are built from these
+    fields (``vlarl.nodes.learner.PARAMS``, :func:`vlarl.learning.runs.add_config_arguments`)."""
 
-    replay_dir: str = "replay/live"
-    """Replay folder the bag bridge writes (live mode)."""
-    checkpoint: str = "runs/learner/learner.safetensors"
-    """Learner checkpoint: resumed from when it exists."""
-    model_id: str = "residual"
-    """Model id of the published residual actor (its tag is model_id@version)."""
-    delta: float = 0.3
-    """Residual bound (the safety node's delta)."""
-    utd: int = 2
-    """Critic updates per ingested transition."""
-    critics: int = 4
-    """Critic ensemble size."""
-    critic_subset: int = 2
-    """Target: min over this many random target critics."""
-    hidden: int = 128
-    """Hidden width of actor and critics."""
-    batch_size: int = 128
-    """Transitions per update (half offline, half online)."""
-    gamma: float = 0.99
-    """Discount."""
-    lr: float = 3e-4
-    """Learning rate of critics and temperature."""
-    actor_lr: float = 1e-4
-    """Learning rate of the actor."""
-    init_temperature: float = 0.001
-    """Initial SAC temperature."""
-    nstep: int = 3
-    """n-step returns in the critic's target."""
-    normalize_obs: bool = True
-    """Standardise observations with the statistics of the data at the first update."""
-    actor_pessimism: float = 0.5
-    """The actor maximises mean - this * std of the ensemble's Q."""
-    actor_ema: float = 0.002
-    """Polyak rate of the averaged actor that is published (0 = the actor itself)."""
-    bc_weight: float = 0.5
-    """Pull of the residual toward zero (toward the base) at the start."""
-    bc_decay_updates: int = 8000
-    """Updates over which that pull fades out."""
-    probe_transitions: int = 1000
-    """The residual stays zero until this many transitions were ingested (PLD's probe)."""
-    warmup_ramp: int = 2000
-    """Transitions over which the published residual's bound ramps from 0 to delta."""
-    publish_every: int = 500
-    """Updates between candidate versions."""
-    gate: str = "critic"
-    """critic: publish only if the critic's estimate is not worse than the deployed version's;
-    none: publish every candidate."""
-    gate_tolerance: float = 0.02
-    """How much lower the candidate's estimate may be than the deployed version's."""
-    gate_states: int = 1024
-    """Most recent states the gate evaluates on."""
-    seed: int = 0
-    """Seed of the agent."""
+    agent: AgentConfig = nested(AgentConfig, "the agent's hyper-parameters")  # noqa: RUF009
+    utd: int = arg(2, "critic updates per transition (update-to-data ratio)")
+    nstep: int = arg(3, "n-step returns in the critic's target")
+    normalize_obs: bool = arg(True, "standardise observations with the first data's statistics")
+    probe_transitions: int = arg(1000, "the residual stays zero for this many transitions (probe)")
+    warmup_ramp: int = arg(2000, "transitions over which the residual bound ramps to delta")
+    publish_every: int = arg(500, "updates between candidate versions")
+    prescreen: str = arg(
+        "critic",
+        "critic: a candidate the critic rates below the deployed version by more than "
+        "prescreen_tolerance is not proposed | none: every candidate is proposed",
+    )
+    prescreen_tolerance: float = arg(0.02, "how much lower the candidate's estimate may be")
+    prescreen_states: int = arg(1024, "most recent states the pre-screen evaluates on")
+    max_owed_updates: int = arg(
+        4000, "update debt beyond this is forgiven and counted (the learner says it fell behind)"
+    )
+    model_id: str = arg("residual", "model id of the residual versions (tag model_id@version)")
+    seed: int = arg(0, "seed of the agent and of batch sampling")
+
+    def __post_init__(self) -> None:
+        if self.prescreen not in PRESCREENS:
+            raise LearningError(f"prescreen must be one of {', '.join(PRESCREENS)}")
+        for name in ("utd", "nstep", "publish_every", "prescreen_states"):
+            if getattr(self, name) < 1:
+                raise LearningError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.probe_transitions < 0 or self.warmup_ramp < 0 or self.max_owed_updates < 0:
+            raise LearningError("probe_transitions, warmup_ramp, max_owed_updates must be >= 0")
 
 
 @dataclass
 class Candidate:
-    """A gated candidate version."""
+    """A candidate version (``blob`` None when the critic's pre-screen refused it)."""
 
     version: int
     parent: int
@@ -115,53 +101,74 @@ class Candidate:
     estimate: float
     deployed_estimate: float
     blob: bytes | None
+    layers: list[tuple[np.ndarray, np.ndarray]] | None = None
+    scale: float = 0.0
+
+    @property
+    def tag(self) -> str:
+        return f"@{self.version}"
 
 
 class ResidualLearner:
-    def __init__(self, config: LearnerConfig, *, base: ModelMetadata) -> None:
+    def __init__(
+        self,
+        config: LearnerConfig,
+        *,
+        base: ModelMetadata,
+        checkpoint: str | Path | None = None,
+        replay_dir: str | Path | None = None,
+    ) -> None:
         self.config = config
         self.base_tag = base.tag
         self.obs_dim = base.obs_dim
         self.action_dim = base.action_dim
-        checkpoint = Path(config.checkpoint)
-        if checkpoint.exists():
-            self.agent, self.state = load_learner(checkpoint, seed=config.seed)
+        self.checkpoint = Path(checkpoint) if checkpoint else None
+        self.replay_dir = Path(replay_dir) if replay_dir else None
+        if self.checkpoint is not None and self.checkpoint.exists():
+            self.agent, self.state = load_learner(self.checkpoint, seed=config.seed)
             if self.agent.config.obs_dim != self.obs_dim:
                 raise LearningError(
-                    f"{checkpoint} was trained for obs_dim {self.agent.config.obs_dim}, the "
-                    f"base model has {self.obs_dim}"
+                    f"{self.checkpoint} was trained for obs_dim {self.agent.config.obs_dim}, "
+                    f"the base model has {self.obs_dim}"
+                )
+            trained_on = self.state.extra.get("base", self.base_tag)
+            if trained_on != self.base_tag:
+                raise LearningError(
+                    f"{self.checkpoint} is a residual of {trained_on}, not of {self.base_tag}: "
+                    "a new base starts a fresh residual learner (use another checkpoint)"
                 )
             self.resumed = True
         else:
-            self.agent = ResidualSAC(
-                AgentConfig.from_settings(
-                    config, obs_dim=self.obs_dim, action_dim=self.action_dim, residual=True
-                ),
-                seed=config.seed,
+            agent_config = replace(
+                config.agent, obs_dim=self.obs_dim, action_dim=self.action_dim, residual=True
             )
+            self.agent = ResidualSAC(agent_config, seed=config.seed)
             self.state = LearnerState()
             self.resumed = False
         self.rng = np.random.default_rng(config.seed + self.state.version)
         self.online = ReplayBuffer(obs_dim=self.obs_dim, action_dim=self.action_dim)
         self.offline = ReplayBuffer(obs_dim=self.obs_dim, action_dim=self.action_dim)
-        self.transitions = 0  # ingested in this process (all shards re-read on start)
+        self.transitions = 0  # added in this process (all shards are re-read on start)
         self.updates_owed = 0.0
-        self.updates_done = 0
+        self.updates_done = 0  # in this process
+        self.updates_forgiven = 0
         self._seen: set[str] = set()
         self.bad_shards: dict[str, str] = {}
         self.episodes_by_tag: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.recent_episodes: list[tuple[str, bool]] = []
         self.deployed_layers: list[tuple[np.ndarray, np.ndarray]] | None = None
-        self.deployed_scale = 0.0
-        self.published: list[dict[str, Any]] = []
+        self.deployed_scale = float(self.state.extra.get("deployed_scale", 0.0))
+        self.published: list[dict[str, Any]] = list(self.state.extra.get("published", []))
         self.gated = 0
         self.last_stats: dict[str, float] = {}
 
     # ------------------------------------------------------------------ data
     def ingest(self) -> int:
-        """Read new shards; returns the number of transitions added."""
+        """Read the replay folder's new shards; returns the number of transitions added."""
+        if self.replay_dir is None:
+            raise LearningError("this learner has no replay folder to ingest (use add())")
         added = 0
-        for path in list_shards(self.config.replay_dir):
+        for path in list_shards(self.replay_dir):
             if path.name in self._seen:
                 continue
             try:
@@ -176,123 +183,162 @@ class ResidualLearner:
                     f"shard dims {data.obs_dim}/{data.action_dim} do not match the base model"
                 )
                 continue
-            cols = episode_columns(data, gamma=self.config.gamma, nstep=self.config.nstep)
-            self.online.add(**cols)
-            tags = np.asarray(info.versions, dtype=object)[data.policy_version]
-            offline_rows = data.intervention.astype(bool)
-            for _, rows in data.episodes():
-                tag = str(tags[rows[0]])
-                ok = bool(data.success[rows].any())
-                counts = self.episodes_by_tag[tag]
-                counts[0] += 1
-                counts[1] += int(ok)
-                self.recent_episodes.append((tag, ok))
-                if ok and "+" not in tag and tag != "teleop":
-                    offline_rows[rows] = True
-            if offline_rows.any():
-                self.offline.add(**{k: v[offline_rows] for k, v in cols.items()})
-            added += len(data)
-        self.recent_episodes = self.recent_episodes[-200:]
-        self.transitions += added
-        self.state.env_steps = max(self.state.env_steps, self.transitions)
-        # Owed = utd per transition, minus what the agent (possibly resumed) already ran.
-        self.updates_owed = max(0.0, self.transitions * self.config.utd - self.agent.updates)
+            added += self.add(data, info.versions)
         return added
+
+    def add(self, data: Transitions, versions: Sequence[str]) -> int:
+        """Add whole episodes (``data.policy_version`` indexes ``versions``, the tags that
+        acted); returns the number of transitions added."""
+        if len(data) == 0:
+            return 0
+        cols = episode_columns(data, gamma=self.config.agent.gamma, nstep=self.config.nstep)
+        self.online.add(**cols)
+        tags = np.asarray(list(versions), dtype=object)[data.policy_version]
+        offline_rows = data.intervention.astype(bool)
+        for _, rows in data.episodes():
+            tag = str(tags[rows[0]])
+            ok = bool(data.success[rows].any())
+            counts = self.episodes_by_tag[tag]
+            counts[0] += 1
+            counts[1] += int(ok)
+            self.recent_episodes.append((tag, ok))
+            if ok and "+" not in tag and tag != "teleop":
+                offline_rows[rows] = True
+        if offline_rows.any():
+            self.offline.add(**{k: v[offline_rows] for k, v in cols.items()})
+        self.recent_episodes = self.recent_episodes[-200:]
+        self.transitions += len(data)
+        self.state.env_steps = max(self.state.env_steps, self.transitions)
+        # Owed = utd per transition, minus what the agent (possibly resumed) already ran and
+        # what was forgiven.
+        owed = self.transitions * self.config.utd - self.agent.updates - self.updates_forgiven
+        if owed > self.config.max_owed_updates:
+            self.updates_forgiven += int(owed - self.config.max_owed_updates)
+            owed = self.config.max_owed_updates
+        self.updates_owed = max(0.0, float(owed))
+        return len(data)
 
     # ------------------------------------------------------------------ learning
     def train(self, max_updates: int) -> int:
         """Up to ``max_updates`` of the updates owed; returns how many ran."""
-        if len(self.online) < self.config.batch_size:
+        if len(self.online) < self.config.agent.batch_size:
             return 0
         n = int(min(max_updates, self.updates_owed))
         if n and self.agent.updates == 0 and self.config.normalize_obs:
             # Once, before the first update; a resumed agent keeps its statistics.
             self.agent.set_input_stats(self.online.latest("obs", len(self.online)))
-        for i in range(n):
-            batch = sample_symmetric(self.rng, self.online, self.offline, self.config.batch_size)
-            stats = self.agent.update(batch, update_actor=(i % self.config.utd == 0))
+        self.agent.scale = self.current_scale()
+        batch_size = self.config.agent.batch_size
+        for _ in range(n):
+            batch = sample_symmetric(self.rng, self.online, self.offline, batch_size)
+            # The actor every utd-th update (the critic runs utd times per actor step).
+            stats = self.agent.update(batch, update_actor=self.agent.updates % self.config.utd == 0)
         if n:
             self.last_stats = asdict(stats)
         self.updates_owed -= n
         self.updates_done += n
         return n
 
+    def achieved_utd(self) -> float:
+        """Updates run per transition added, in this process."""
+        return self.updates_done / self.transitions if self.transitions else 0.0
+
     def current_scale(self) -> float:
         return warmup_scale(
             self.state.env_steps,
-            delta=self.config.delta,
+            delta=self.config.agent.delta,
             start=self.config.probe_transitions,
             ramp=self.config.warmup_ramp,
         )
 
     def propose(self) -> Candidate | None:
-        """A gated candidate from the current actor (None while still probing)."""
+        """A pre-screened candidate from the averaged actor (None while still probing).
+
+        A candidate that passes the pre-screen takes the next version number; it is deployed
+        only when :meth:`promote` is called with it (after the gate's verdict).
+        """
         scale = self.current_scale()
         if scale <= 0.0 or len(self.online) == 0:
             return None
         self.agent.scale = scale
         layers = self.agent.deployable().layers()
-        obs = self.online.latest("obs", self.config.gate_states)
-        base = self.online.latest("base", self.config.gate_states)
+        obs = self.online.latest("obs", self.config.prescreen_states)
+        base = self.online.latest("base", self.config.prescreen_states)
         estimate = self.agent.value_of(layers, scale, obs, base)
         deployed = self.agent.value_of(self.deployed_layers, self.deployed_scale, obs, base)
         version = self.state.version + 1
         parent = self.state.deployed_version
-        accepted = self.config.gate == "none" or estimate >= deployed - self.config.gate_tolerance
-        blob = None
-        if accepted:
-            blob = encode_residual(
-                layers=layers,
-                model_id=self.config.model_id,
-                version=version,
-                parent=parent,
-                base=self.base_tag,
-                obs_dim=self.obs_dim,
-                action_dim=self.action_dim,
-                uses_base_action=True,
-                scale=scale,
-                extra={
-                    "estimate": f"{estimate:.5f}",
-                    "deployed_estimate": f"{deployed:.5f}",
-                    "env_steps": str(self.state.env_steps),
-                    "updates": str(self.agent.updates),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                },
-            )
-            self.state.version = version
-            self.state.deployed_version = version
-            self.deployed_layers = layers
-            self.deployed_scale = scale
-            self.published.append(
-                {
-                    "version": version,
-                    "parent": parent,
-                    "estimate": estimate,
-                    "deployed_estimate": deployed,
-                    "env_steps": self.state.env_steps,
-                }
-            )
-        else:
+        accepted = (
+            self.config.prescreen == "none"
+            or estimate >= deployed - self.config.prescreen_tolerance
+        )
+        if not accepted:
             self.gated += 1
-        return Candidate(version, parent, accepted, estimate, deployed, blob)
+            return Candidate(version, parent, False, estimate, deployed, None)
+        blob = encode_residual(
+            layers=layers,
+            model_id=self.config.model_id,
+            version=version,
+            parent=parent,
+            base=self.base_tag,
+            obs_dim=self.obs_dim,
+            action_dim=self.action_dim,
+            uses_base_action=True,
+            scale=scale,
+            extra={
+                "estimate": f"{estimate:.5f}",
+                "deployed_estimate": f"{deployed:.5f}",
+                "env_steps": str(self.state.env_steps),
+                "updates": str(self.agent.updates),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            },
+        )
+        self.state.version = version
+        return Candidate(version, parent, True, estimate, deployed, blob, layers, scale)
 
-    def save(self) -> None:
-        Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
+    def promote(self, candidate: Candidate, *, verdict: dict[str, Any] | None = None) -> None:
+        """Record ``candidate`` as the deployed version (the gate promoted it)."""
+        if candidate.layers is None:
+            raise LearningError(f"candidate {candidate.version} was refused by the pre-screen")
+        self.state.deployed_version = candidate.version
+        self.deployed_layers = candidate.layers
+        self.deployed_scale = candidate.scale
+        self.published.append(
+            {
+                "version": candidate.version,
+                "parent": candidate.parent,
+                "estimate": candidate.estimate,
+                "deployed_estimate": candidate.deployed_estimate,
+                "env_steps": self.state.env_steps,
+                "verdict": verdict,
+            }
+        )
+
+    def save(self, path: str | Path | None = None) -> None:
+        target = Path(path) if path else self.checkpoint
+        if target is None:
+            raise LearningError("no checkpoint path to save the learner to")
+        target.parent.mkdir(parents=True, exist_ok=True)
         self.state.extra = {
+            "base": self.base_tag,
             "deployed_scale": self.deployed_scale,
             "published": self.published[-20:],
         }
-        save_learner(self.config.checkpoint, self.agent, self.state)
+        save_learner(target, self.agent, self.state)
 
     def status(self) -> dict[str, Any]:
         recent = self.recent_episodes[-20:]
         return {
+            "base": self.base_tag,
             "transitions": self.transitions,
             "env_steps": self.state.env_steps,
             "online": len(self.online),
             "offline": len(self.offline),
             "updates": self.agent.updates,
             "updates_owed": int(self.updates_owed),
+            "updates_forgiven": self.updates_forgiven,
+            "utd": self.config.utd,
+            "achieved_utd": round(self.achieved_utd(), 3),
             "version": self.state.version,
             "deployed_version": self.state.deployed_version,
             "scale": self.current_scale(),

@@ -58,65 +58,45 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from torch import nn
 
+from vlarl.core.safety import SafetyConfig
 from vlarl.data.errors import ReplayError
 from vlarl.data.replay import Transitions, atomic_write_bytes, header_metadata, tensor_digest
 from vlarl.learning.errors import LearningError
+from vlarl.learning.runs import arg
 
 CHECKPOINT_FORMAT = "vlarl.residual_learner/1"
+SAFETY_DELTA = SafetyConfig().delta  # one source: the safety node's default bound
 
 
 @dataclass
 class AgentConfig:
-    """Hyper-parameters of the residual SAC/RLPD agent."""
+    """Hyper-parameters of the residual SAC/RLPD agent; the defaults are the tuned recipe
+    (bench/results/learning.json). The learner node's parameters, ``vlarl improve`` and
+    ``vlarl train-residual`` flags are built from these fields."""
 
-    obs_dim: int = 39
-    """Observation size."""
-    action_dim: int = 4
-    """Action size."""
-    residual: bool = True
-    """True: a residual on a frozen base (PLD). False: residual-free SAC over the full action."""
-    delta: float = 0.3
-    """Residual bound (must match the safety node's delta)."""
-    hidden: int = 256
-    """Width of every hidden layer (actor and critics)."""
-    actor_layers: int = 2
-    """Hidden layers of the actor (ReLU, exportable to MLPResidual)."""
-    critics: int = 10
-    """Critic ensemble size."""
-    critic_subset: int = 2
-    """Target = min over this many randomly chosen target critics."""
-    gamma: float = 0.99
-    """Discount."""
-    tau: float = 0.005
-    """Polyak rate of the target critics."""
-    lr: float = 3e-4
-    """Adam learning rate (critics, temperature; the actor too unless actor_lr is set)."""
-    actor_lr: float = 0.0
-    """Adam learning rate of the actor; 0 means lr."""
-    batch_size: int = 256
-    """Transitions per update (split 50/50 offline/online when there is offline data)."""
-    init_temperature: float = 0.02
-    """Initial entropy temperature alpha."""
-    target_entropy: float = 0.0
-    """Entropy target; 0 means -action_dim (SAC's default)."""
-    calql_alpha: float = 0.0
-    """Weight of the Cal-QL regulariser (0 = off)."""
-    calql_steps: int = 0
-    """Updates that use the Cal-QL regulariser (the conservative warm start)."""
-    actor_init_scale: float = 0.01
-    """Scale of the actor's output layer at init: the residual starts near zero."""
-    bc_weight: float = 0.0
-    """PAC-style pull of the residual's mean toward zero (= imitate the base) at the start."""
-    bc_decay_updates: int = 10_000
-    """Updates over which that pull fades linearly to bc_floor."""
-    bc_floor: float = 0.0
-    """The pull's weight after it has faded (0 = pure RL afterwards)."""
-    actor_ema: float = 0.0
-    """Polyak rate of an averaged copy of the actor, the one deployed and evaluated (0 = off:
-    the actor itself). Averaging smooths the update-to-update swings of the greedy policy."""
-    actor_pessimism: float = 0.0
-    """The actor maximises mean - this * std of the ensemble's Q (shy of actions the critics
-    disagree on, i.e. residuals the data never tried)."""
+    obs_dim: int = arg(39, "observation size (set from the base model's contract)")
+    action_dim: int = arg(4, "action size (set from the base model's contract)")
+    residual: bool = arg(True, "a residual on a frozen base (PLD); false: SAC over the action")
+    delta: float = arg(SAFETY_DELTA, "residual bound; must equal the safety node's delta")
+    hidden: int = arg(128, "width of every hidden layer (actor and critics)")
+    actor_layers: int = arg(2, "hidden layers of the actor (ReLU, exportable to MLPResidual)")
+    critics: int = arg(4, "critic ensemble size (LayerNorm critics)")
+    critic_subset: int = arg(2, "TD target = min over this many random target critics")
+    gamma: float = arg(0.99, "discount")
+    tau: float = arg(0.005, "Polyak rate of the target critics")
+    lr: float = arg(3e-4, "Adam learning rate of critics and temperature")
+    actor_lr: float = arg(1e-4, "Adam learning rate of the actor (0 = lr)")
+    batch_size: int = arg(128, "transitions per update (half offline, half online)")
+    init_temperature: float = arg(0.001, "initial SAC entropy temperature")
+    target_entropy: float = arg(0.0, "entropy target (0 = -action_dim)")
+    calql_alpha: float = arg(0.0, "weight of the Cal-QL regulariser (0 = off)")
+    calql_steps: int = arg(0, "updates that use the Cal-QL regulariser (conservative start)")
+    actor_init_scale: float = arg(0.01, "scale of the actor's output layer at init")
+    bc_weight: float = arg(0.5, "PAC-style pull of the residual toward zero at the start")
+    bc_decay_updates: int = arg(8_000, "updates over which that pull fades to bc_floor")
+    bc_floor: float = arg(0.0, "the pull's weight after it has faded")
+    actor_ema: float = arg(0.002, "Polyak rate of the averaged actor that is deployed (0 = off)")
+    actor_pessimism: float = arg(0.5, "the actor maximises mean - this * std of the critics' Q")
 
     @classmethod
     def from_settings(cls, settings: Any, **overrides: Any) -> AgentConfig:

@@ -39,10 +39,20 @@ def arg(default: Any, help: str, *, required: bool = False, short: str | None = 
     return dataclasses.field(default=default, metadata=meta)
 
 
+def nested(cls: type[T], help: str) -> Any:
+    """A config field that is itself a config dataclass (its flags are flattened in)."""
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "nested": True})
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
-    """One ``--field-name`` option per dataclass field (bools get ``--x/--no-x``)."""
+    """One ``--field-name`` option per dataclass field (bools get ``--x/--no-x``); the fields
+    of a :func:`nested` config get their own flags under their own names (names are unique
+    across the nesting: argparse refuses a repeated one)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
+        if f.metadata.get("nested"):
+            add_config_arguments(parser, hints[f.name])
+            continue
         flag = "--" + f.name.replace("_", "-")
         names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
         help_text = f.metadata.get("help", "")
@@ -74,10 +84,38 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> Non
 
 def config_from_args(cls: Any, args: argparse.Namespace) -> Any:
     """Build the config dataclass from parsed arguments (unknown attributes are ignored)."""
-    values = {
-        f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)
-    }
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("nested"):
+            values[f.name] = config_from_args(hints[f.name], args)
+        elif hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
     return cls(**values)
+
+
+def flat_fields(cls: type[Any]) -> dict[str, tuple[dataclasses.Field[Any], Any]]:
+    """Every leaf field of a (nested) config: name -> (field, its type)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[dataclasses.Field[Any], Any]] = {}
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("nested"):
+            out.update(flat_fields(hints[f.name]))
+        else:
+            out[f.name] = (f, hints[f.name])
+    return out
+
+
+def flat_values(config: Any) -> dict[str, Any]:
+    """Every leaf value of a (nested) config instance by field name."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.metadata.get("nested"):
+            out.update(flat_values(value))
+        else:
+            out[f.name] = value
+    return out
 
 
 def set_seed(seed: int) -> None:

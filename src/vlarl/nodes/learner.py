@@ -16,12 +16,16 @@ from vlarl.rosenv import ensure_local_discovery
 
 ensure_local_discovery()  # before rclpy is imported anywhere in this process
 
+import json  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
+from dataclasses import fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
+from rcl_interfaces.srv import GetParameters  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from std_msgs.msg import String, UInt8MultiArray  # noqa: E402
@@ -33,8 +37,9 @@ from vlarl.core.weights import WeightError, decode_residual  # noqa: E402
 from vlarl.data.replay import atomic_write_bytes  # noqa: E402
 from vlarl.graph import resolve_model_path  # noqa: E402
 from vlarl.learning.errors import LearningError  # noqa: E402
-from vlarl.learning.learner import LearnerConfig, ResidualLearner  # noqa: E402
-from vlarl.ros.params import Param, declare  # noqa: E402
+from vlarl.learning.learner import PRESCREENS, LearnerConfig, ResidualLearner  # noqa: E402
+from vlarl.learning.residual_rl import AgentConfig  # noqa: E402
+from vlarl.ros.params import Param, declare, params_from_config  # noqa: E402
 
 WEIGHTS_QOS = QoSProfile(
     history=HistoryPolicy.KEEP_LAST,
@@ -43,6 +48,8 @@ WEIGHTS_QOS = QoSProfile(
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
 
+# Settings that change how the agent is built (or what it is) cannot change while it runs.
+_BUILD = (*(f.name for f in fields(AgentConfig)), "nstep", "normalize_obs", "model_id", "seed")
 PARAMS: tuple[Param, ...] = (
     Param(
         "base_model",
@@ -57,41 +64,51 @@ PARAMS: tuple[Param, ...] = (
         "learner checkpoint (resumed from when it exists)",
         read_only=True,
     ),
-    Param("model_id", "residual", "model id of the published residual actor", read_only=True),
-    Param(
-        "delta", 0.3, "residual bound (the safety node's delta)", low=0.0, high=1.0, read_only=True
+    # The learner core's settings: built from LearnerConfig, so their defaults are its defaults.
+    *params_from_config(
+        LearnerConfig,
+        read_only=(*_BUILD, "delta"),
+        bounds={
+            "delta": (0.0, 1.0),
+            "utd": (1, 64),
+            "critics": (2, 64),
+            "critic_subset": (1, 64),
+            "hidden": (8, 4096),
+            "batch_size": (2, 65536),
+            "gamma": (0.0, 1.0),
+            "tau": (0.0, 1.0),
+            "nstep": (1, 64),
+            "publish_every": (1, 10**9),
+            "prescreen_states": (1, 10**7),
+            "target_entropy": (-100.0, 100.0),
+            "prescreen_tolerance": (-1e6, 1e6),
+            "seed": (0, 2**31 - 1),
+        },
+        choices={"prescreen": PRESCREENS},
+        exclude=("obs_dim", "action_dim", "residual"),
     ),
-    Param("utd", 2, "critic updates per ingested transition", low=1, high=64),
-    Param("critics", 4, "critic ensemble size", low=2, high=32, read_only=True),
-    Param("hidden", 128, "hidden width of actor and critics", low=8, high=4096, read_only=True),
-    Param("batch_size", 128, "transitions per update", low=2, high=65536, read_only=True),
+    Param("safety_node", "/safety", "safety node whose delta must equal ours", read_only=True),
     Param(
-        "probe_transitions",
-        1000,
-        "transitions before the first non-zero residual",
-        low=0,
-        high=10**9,
+        "safety_check_timeout_s",
+        10.0,
+        "how long to wait at start for safety's delta; no blob is published before it matched",
+        low=0.1,
+        high=600.0,
+        read_only=True,
     ),
-    Param(
-        "warmup_ramp",
-        2000,
-        "transitions over which the residual bound ramps to delta",
-        low=0,
-        high=10**9,
-    ),
-    Param("publish_every", 500, "updates between candidate versions", low=1, high=10**9),
-    Param(
-        "gate",
-        "critic",
-        "critic: publish only if not worse than deployed; none: always",
-        choices=("critic", "none"),
-    ),
-    Param("gate_tolerance", 0.02, "allowed drop of the critic's estimate", low=0.0, high=1e6),
     Param("poll_period_s", 0.5, "how often the replay folder is polled", low=0.01, high=60.0),
-    Param("seed", 0, "agent seed", low=0, high=2**31 - 1, read_only=True),
     Param("status_rate_hz", 1.0, "rate of learner/status", low=0.1, high=50.0),
     Param("threads", 1, "torch threads", low=1, high=64, read_only=True),
 )
+PARAMS_BY_NAME = {p.name: p for p in PARAMS}
+
+
+def learner_config(values: dict[str, Any]) -> LearnerConfig:
+    """The :class:`LearnerConfig` the node's parameter values describe."""
+    agent_names = {f.name for f in fields(AgentConfig)}
+    agent = AgentConfig(**{k: v for k, v in values.items() if k in agent_names})
+    names = {f.name for f in fields(LearnerConfig)} - {"agent"}
+    return LearnerConfig(agent=agent, **{k: v for k, v in values.items() if k in names})
 
 
 class LearnerNode(Node):
@@ -106,39 +123,33 @@ class LearnerNode(Node):
             base = OnnxPolicy.load(path, providers="cpu").metadata
         except ContractError as exc:
             raise ValueError(f"base_model {path}: {exc}") from None
-        config = LearnerConfig(
-            replay_dir=str(self._p["replay_dir"]),
-            checkpoint=str(self._p["checkpoint"]),
-            model_id=str(self._p["model_id"]),
-            delta=float(self._p["delta"]),
-            utd=int(self._p["utd"]),
-            critics=int(self._p["critics"]),
-            hidden=int(self._p["hidden"]),
-            batch_size=int(self._p["batch_size"]),
-            probe_transitions=int(self._p["probe_transitions"]),
-            warmup_ramp=int(self._p["warmup_ramp"]),
-            publish_every=int(self._p["publish_every"]),
-            gate=str(self._p["gate"]),
-            gate_tolerance=float(self._p["gate_tolerance"]),
-            seed=int(self._p["seed"]),
-        )
         try:
-            self.learner = ResidualLearner(config, base=base)
+            config = learner_config(self._p)
+            self.learner = ResidualLearner(
+                config,
+                base=base,
+                checkpoint=str(self._p["checkpoint"]),
+                replay_dir=str(self._p["replay_dir"]),
+            )
         except LearningError as exc:
             raise ValueError(str(exc)) from None
-        self._deployed_path = Path(config.checkpoint).with_suffix(".deployed.safetensors")
+        checkpoint = Path(str(self._p["checkpoint"]))
+        self._deployed_path = checkpoint.with_suffix(".deployed.safetensors")
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self.delta_check = "pending"  # pending | ok | "mismatch: ..." (then nothing is published)
+        self._params_client: Any = self.create_client(
+            GetParameters, f"{str(self._p['safety_node']).rstrip('/')}/get_parameters"
+        )
         self._weights_pub = self.create_publisher(
             UInt8MultiArray, topics.POLICY_WEIGHTS, WEIGHTS_QOS
         )
         self._status_pub = self.create_publisher(String, topics.LEARNER_STATUS, 10)
         self.create_timer(1.0 / float(self._p["status_rate_hz"]), self._publish_status)
-        if self.learner.resumed:
-            self._republish_deployed()
         self.get_logger().info(
-            f"learner for {base.tag}: replay {config.replay_dir}, checkpoint "
-            f"{config.checkpoint} ({'resumed' if self.learner.resumed else 'new'})"
+            f"learner for {base.tag}: replay {self._p['replay_dir']}, checkpoint "
+            f"{checkpoint} ({'resumed' if self.learner.resumed else 'new'}), delta "
+            f"{config.agent.delta}"
         )
         self._worker = threading.Thread(target=self._work, name="learner", daemon=True)
         self._worker.start()
@@ -147,18 +158,46 @@ class LearnerNode(Node):
         if hasattr(self, "learner"):
             with self._lock:
                 cfg = self.learner.config
-                for key in (
-                    "utd",
-                    "probe_transitions",
-                    "warmup_ramp",
-                    "publish_every",
-                    "gate",
-                    "gate_tolerance",
-                ):
-                    if key in changes:
-                        setattr(cfg, key, changes[key])
+                for key, value in changes.items():
+                    if hasattr(cfg, key):
+                        setattr(cfg, key, value)
         return None
 
+    # ------------------------------------------------------------------ start-up checks
+    def _check_safety_delta(self) -> bool:
+        """Ask the safety node for its delta; True once it is known to equal ours."""
+        if self.delta_check == "ok":
+            return True
+        if self.delta_check.startswith("mismatch"):
+            return False
+        timeout = float(self._p["safety_check_timeout_s"])
+        if not self._params_client.wait_for_service(timeout_sec=timeout):
+            self.get_logger().warning(
+                f"{self._p['safety_node']} does not answer: its delta is unchecked, "
+                "nothing is published until it is",
+                throttle_duration_sec=30.0,
+            )
+            return False
+        future = self._params_client.call_async(GetParameters.Request(names=["delta"]))
+        deadline = time.monotonic() + timeout
+        while not future.done() and time.monotonic() < deadline and not self._stop.is_set():
+            time.sleep(0.02)
+        result = future.result() if future.done() else None
+        if result is None or not result.values:
+            return False
+        theirs = float(result.values[0].double_value)
+        ours = float(self.learner.config.agent.delta)
+        if abs(theirs - ours) > 1e-9:
+            self.delta_check = (
+                f"mismatch: safety's delta is {theirs}, the learner's {ours}; set both from "
+                "one value (config/safety.yaml) and restart the learner"
+            )
+            self.get_logger().error(self.delta_check + "; no residual will be published")
+            return False
+        self.delta_check = "ok"
+        return True
+
+    # ------------------------------------------------------------------ publishing
     def _republish_deployed(self) -> None:
         try:
             blob = self._deployed_path.read_bytes()
@@ -166,8 +205,14 @@ class LearnerNode(Node):
         except (OSError, WeightError) as exc:
             self.get_logger().warning(f"no deployed version to re-publish: {exc}")
             return
-        self.learner.deployed_layers = [(w.copy(), b.copy()) for w, b in weights.layers]
-        self.learner.deployed_scale = weights.scale
+        with self._lock:
+            self.learner.deployed_layers = [(w.copy(), b.copy()) for w, b in weights.layers]
+            self.learner.deployed_scale = weights.scale
+            # A version number once published is never minted again, even if the checkpoint
+            # is older than the deployed blob (a crash between the two writes).
+            state = self.learner.state
+            state.version = max(state.version, weights.version)
+            state.deployed_version = weights.version
         self._publish_blob(blob)
         self.get_logger().info(f"re-published deployed {weights.tag}")
 
@@ -178,38 +223,55 @@ class LearnerNode(Node):
 
     def _work(self) -> None:
         learner = self.learner
-        since_propose = 0
+        checked = self._check_safety_delta()
+        if checked and learner.resumed:
+            self._republish_deployed()
+        last_propose = learner.agent.updates
         while not self._stop.is_set():
             with self._lock:
                 added = learner.ingest()
                 ran = learner.train(max_updates=50)
-            since_propose += ran
-            if since_propose >= learner.config.publish_every:
-                since_propose = 0
-                with self._lock:
-                    candidate = learner.propose()
-                if candidate is not None and candidate.blob is not None:
-                    atomic_write_bytes(self._deployed_path, candidate.blob, overwrite=True)
-                    self._publish_blob(candidate.blob)
-                    with self._lock:
-                        learner.save()
-                    self.get_logger().info(
-                        f"published {learner.config.model_id}@{candidate.version} (parent "
-                        f"{candidate.parent}, estimate {candidate.estimate:.3f} vs deployed "
-                        f"{candidate.deployed_estimate:.3f}, {learner.state.env_steps} steps)"
-                    )
-                elif candidate is not None:
-                    self.get_logger().info(
-                        f"gated candidate {candidate.version}: estimate "
-                        f"{candidate.estimate:.3f} < deployed {candidate.deployed_estimate:.3f}"
-                    )
+            if learner.agent.updates - last_propose >= learner.config.publish_every:
+                if not checked:
+                    checked = self._check_safety_delta()
+                    if checked and learner.resumed:
+                        self._republish_deployed()
+                if checked:
+                    last_propose = learner.agent.updates
+                    self._propose_and_publish()
             if not added and not ran:
                 self._stop.wait(float(self._p["poll_period_s"]))
 
+    def _propose_and_publish(self) -> None:
+        learner = self.learner
+        with self._lock:
+            candidate = learner.propose()
+            if candidate is None:
+                return
+            if candidate.blob is None:
+                self.get_logger().info(
+                    f"pre-screen refused candidate {candidate.version}: estimate "
+                    f"{candidate.estimate:.3f} < deployed {candidate.deployed_estimate:.3f}"
+                )
+                return
+            learner.promote(candidate)
+            # Persist before publishing: a version number that went out is in the checkpoint
+            # first, then the deployed blob; a restart re-publishes that blob, never a new one
+            # under the same number.
+            learner.save()
+            atomic_write_bytes(self._deployed_path, candidate.blob, overwrite=True)
+        self._publish_blob(candidate.blob)
+        self.get_logger().info(
+            f"published {learner.config.model_id}@{candidate.version} (parent "
+            f"{candidate.parent}, estimate {candidate.estimate:.3f} vs deployed "
+            f"{candidate.deployed_estimate:.3f}, {learner.state.env_steps} steps)"
+        )
+
     def _publish_status(self) -> None:
         with self._lock:
-            text = self.learner.status_json()
-        self._status_pub.publish(String(data=text))
+            status = self.learner.status()
+        status["delta_check"] = self.delta_check
+        self._status_pub.publish(String(data=json.dumps(status, default=float)))
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -158,3 +158,45 @@ def declare(
 
     node.add_on_set_parameters_callback(callback)
     return values
+
+
+def params_from_config(
+    cls: type[Any],
+    *,
+    read_only: Sequence[str] = (),
+    bounds: dict[str, tuple[float | None, float | None]] | None = None,
+    choices: dict[str, Sequence[str]] | None = None,
+    exclude: Sequence[str] = (),
+) -> tuple[Param, ...]:
+    """One :class:`Param` per leaf field of a (nested) config dataclass, in field order: the
+    dataclass default is the parameter's default and its one-line doc (``arg(help=...)``) the
+    description, so the node's parameters cannot drift from the config. Numbers without
+    explicit ``bounds`` must be >= 0."""
+    from vlarl.learning.runs import flat_fields
+
+    bounds = bounds or {}
+    choices = choices or {}
+    out = []
+    for name, (f, _typ) in flat_fields(cls).items():
+        if name in exclude:
+            continue
+        default: Any = f.default_factory() if callable(f.default_factory) else f.default
+        low, high = bounds.get(name, (None, None))
+        if (
+            name not in bounds
+            and isinstance(default, (int, float))
+            and not isinstance(default, bool)
+        ):
+            low = 0
+        out.append(
+            Param(
+                name,
+                list(default) if isinstance(default, tuple) else default,
+                f.metadata.get("help", ""),
+                low=low,
+                high=high,
+                choices=choices.get(name),
+                read_only=name in read_only,
+            )
+        )
+    return tuple(out)
