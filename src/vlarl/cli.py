@@ -37,6 +37,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "vlarl.learning.train_residual",
         "residual RL (PLD + RLPD) on the base policy, in-process on Meta-World",
     ),
+    "improve": (
+        "vlarl.learning.improve",
+        "the base improves itself: residual RL -> hybrid rollouts -> distill back -> gate",
+    ),
     "eval-reward": (
         "vlarl.rewardmodels.cli_eval_reward",
         "evaluate a success detector / progress model on held-out episodes",
