@@ -34,7 +34,8 @@ from pathlib import Path
 
 import yaml
 
-from vlarl.bag.writer import PARTIAL_DIR
+from vlarl.bag.errors import UnknownTopicError
+from vlarl.bag.writer import PARTIAL_DIR, ros2_type_name
 
 STORAGE_SUFFIXES = (".mcap", ".db3")
 COMPRESSED_SUFFIX = ".zstd"
@@ -70,11 +71,12 @@ def is_storage_file(path: Path) -> bool:
 
 
 def normalize_msgtype(msgtype: str) -> str:
-    """``pkg/Type`` -> ``pkg/msg/Type`` (both spellings name the same ROS 2 message)."""
-    parts = msgtype.split("/")
-    if len(parts) == 2 and all(parts):
-        return f"{parts[0]}/msg/{parts[1]}"
-    return msgtype
+    """``pkg/Type`` -> ``pkg/msg/Type`` (both spellings name the same ROS 2 message); a name
+    of another shape is kept as it is (it matches no type the bridge reads)."""
+    try:
+        return ros2_type_name(msgtype)
+    except UnknownTopicError:
+        return msgtype
 
 
 def decompress_message(data: bytes) -> bytes:
