@@ -16,14 +16,14 @@ import pytest
 
 pytest.importorskip("pyarrow")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bag"))
-from bag_trace import T, TS, TOPIC_TYPES, make_trace, write_recorder_bag  # noqa: E402
+from bag_trace import TOPIC_TYPES, TS, T, make_trace, write_recorder_bag
 
-from vlarl import topics  # noqa: E402
-from vlarl.bag.bridge import bridge_bags  # noqa: E402
-from vlarl.cli import main  # noqa: E402
-from vlarl.data.errors import ReplayError  # noqa: E402
-from vlarl.data.lerobot import read_lerobot, write_lerobot  # noqa: E402
-from vlarl.data.replay import load_replay  # noqa: E402
+from vlarl import topics
+from vlarl.bag.bridge import bridge_bags
+from vlarl.cli import main
+from vlarl.data.errors import ReplayError
+from vlarl.data.lerobot import read_lerobot, write_lerobot
+from vlarl.data.replay import load_replay
 
 
 def _bridged(tmp_path: Path, seed: int = 21) -> tuple[Path, Path]:
