@@ -101,6 +101,7 @@ def _image_stats(frames: np.ndarray) -> dict[str, Any]:
 
 def _write_video(path: Path, frames: np.ndarray, fps: int) -> dict[str, Any]:
     av: Any = importlib.import_module("av")
+    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration otherwise
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = int(frames.shape[1]), int(frames.shape[2])
     with av.open(str(path), "w") as container:
