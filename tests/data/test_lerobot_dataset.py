@@ -11,10 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
-pytest.importorskip("pyarrow")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bag"))
 from bag_trace import TOPIC_TYPES, TS, T, make_trace, write_recorder_bag
 
@@ -83,7 +83,6 @@ def _image(stamp: int, value: int) -> bytes:
 
 
 def test_export_from_a_bag_with_camera(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    av = pytest.importorskip("av")
     trace = make_trace(seed=22)
     obs_stamps = sorted({n for t, n, _ in trace.messages if t == "/" + topics.OBSERVATION})
     camera = "/" + topics.CAMERA_IMAGE
