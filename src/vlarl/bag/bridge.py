@@ -3,11 +3,20 @@
 ROS-free (rosbags and mcap read the files; :mod:`vlarl.bag.cdr` decodes the few layouts
 needed), so it runs where no ROS is installed. Reads bag directories (``metadata.yaml`` +
 splits, mcap or sqlite3, written by the vlarl recorder or by stock ``ros2 bag record``) and
-single ``.mcap``/``.db3`` files. How messages become transitions (join by header stamp, teleop,
+single ``.mcap``/``.db3`` files, in rosbag2's stock layouts too (zstd file compression, split
+files ``*.mcap.zstd``/``*.db3.zstd``; zstd message compression; types spelled ``pkg/Type``; see
+:mod:`vlarl.bag.splits`). How messages become transitions (join by header stamp, teleop,
 holds, missing parts, episodes) is documented in :mod:`vlarl.bag.assemble`.
 
-**The ledger.** Every replay directory the bridge writes holds ``bridge-ledger.json``: per bag,
-the splits already ingested, where the episode walk stands, and the name of a *carry* file with
+**Which bags.** Batch mode first checks that every bag records the control path
+(observation, policy action, safety command, reward under ``namespace``) and refuses one that
+does not, naming what it needs and what it found (and the namespace it seems to use), rather
+than bridging it to 0 transitions.
+
+**The ledger.** Every replay directory the bridge writes holds ``bridge-ledger.json``: per bag
+(and namespace: the same recording read under another namespace is other data), the splits
+already ingested (by name without a ``.zstd`` suffix, so a split compressed after it was read
+is not read again), where the episode walk stands, and the name of a *carry* file with
 the raw messages of samples not yet written (an episode still running, messages that may still
 get late parts). Batch and live mode share it: :func:`bridge_bags` is one final pass of the same
 machinery. Each commit is: carry file (new name) -> shard (whose header ``extra.bridge.delta``

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from vlarl import topics
+from vlarl.bag.bridge import BridgeConfig, bridge_bags
 from vlarl.bag.errors import BagError
 from vlarl.data.errors import ReplayError
 from vlarl.data.lerobot import DEFAULT_FPS, load_replay_or_lerobot, write_lerobot
@@ -30,9 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--bag", nargs="+", metavar="BAG", help="rosbag2 bags to export")
     parser.add_argument("--out", required=True, metavar="DIR", help="new dataset folder")
     parser.add_argument(
-        "--fps", type=int, default=DEFAULT_FPS, help="frames per second (one per control step)"
+        "--fps",
+        type=int,
+        default=DEFAULT_FPS,
+        help="frames per second: one frame per control step (default %(default)s)",
     )
-    parser.add_argument("--namespace", default="", help="--bag: ROS namespace of the topics")
+    parser.add_argument(
+        "--namespace",
+        default=BridgeConfig.namespace,
+        help="--bag: ROS namespace of the recorded topics (default: the root namespace)",
+    )
     parser.add_argument("--no-video", action="store_true", help="--bag: leave the camera out")
 
 
@@ -92,8 +100,6 @@ def run(args: argparse.Namespace) -> int:
             dirs = [d.strip() for d in args.replay.split(",") if d.strip()]
             summary = write_lerobot(load_replay_or_lerobot(dirs), out, fps=args.fps)
         else:
-            from vlarl.bag.bridge import BridgeConfig, bridge_bags
-
             with tempfile.TemporaryDirectory(prefix="vlarl-export-") as tmp:
                 report = bridge_bags(
                     args.bag, Path(tmp) / "replay", config=BridgeConfig(namespace=args.namespace)
