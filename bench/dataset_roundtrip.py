@@ -8,7 +8,10 @@ reader and ``train-teacher``.
    LeRobot 0.4 needs torch < 2.11; see shared FACTS) loads it and iterates every frame, camera
    included; the states and actions it returns are compared with the bridged replay;
 4. vlarl's reader takes the dataset back to a replay (exact equality checked) and
-   ``train-teacher`` trains a few steps on it.
+   ``train-teacher`` trains a few steps on it;
+5. the other direction: LeRobot writes a dataset of the same frames (its own
+   ``LeRobotDataset.create``/``add_frame``/``save_episode``), vlarl's reader imports it (states
+   and actions compared) and ``train-teacher`` trains on it.
 
 Prints and saves ``bench/results/dataset_roundtrip.json`` and ``dataset_roundtrip.png``.
 ``loaded_by_lerobot`` is false (with the reason) when no LeRobot interpreter is given or it
@@ -84,6 +87,27 @@ def lerobot_check(root: str, out: str) -> int:
         frame=np.array(frames),
         camera=np.stack(cameras) if cameras else np.zeros((0,)),
     )
+    # The other direction: a dataset LeRobot itself writes (state + action only, no vlarl
+    # columns), from the same frames, for vlarl's importer to read.
+    state_dim, action_dim = len(states[0]), len(actions[0])
+    created = LeRobotDataset.create(
+        "local/lerobot-made",
+        fps=dataset.fps,
+        root=Path(out, "created"),
+        features={
+            "observation.state": {"dtype": "float32", "shape": (state_dim,), "names": None},
+            "action": {"dtype": "float32", "shape": (action_dim,), "names": None},
+        },
+        use_videos=False,
+    )
+    for episode in sorted(set(episodes)):
+        for i in (i for i, e in enumerate(episodes) if e == episode):
+            created.add_frame(
+                {"observation.state": states[i], "action": actions[i], "task": "lerobot task"}
+            )
+        created.save_episode()
+    created.finalize()
+    summary["created_frames"] = created.meta.total_frames
     Path(out, "summary.json").write_text(json.dumps(summary))
     return 0
 
@@ -197,6 +221,13 @@ def main() -> int:
                     == len(data) * len(result["camera_keys"]),  # type: ignore[arg-type]
                 }
                 result["lerobot_equal"] = equal
+                # Import of a dataset LeRobot wrote: the same states and actions come back.
+                made = read_lerobot(lerobot_out / "created").data
+                result["lerobot_made_import_equal"] = {
+                    "frames": len(made) == len(data),
+                    "state": bool(np.array_equal(made.obs, data.obs)),
+                    "action": bool(np.array_equal(made.action, data.action)),
+                }
                 if len(frames["camera"]):
                     # The video is lossy (AV1): how far LeRobot's decoded frames are from the
                     # camera images the export aligned to each frame (0..255 scale).
@@ -243,6 +274,9 @@ def main() -> int:
         ]
         result["train_teacher_exit"] = vlarl(teacher)
         result["train_teacher_s"] = round(time.perf_counter() - t0, 1)
+        if (lerobot_out / "created").exists():  # and from the dataset LeRobot itself wrote
+            teacher[2], teacher[4] = str(lerobot_out / "created"), str(tmp / "teacher-lerobot")
+            result["train_teacher_lerobot_made_exit"] = vlarl(teacher)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "dataset_roundtrip.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -148,3 +148,28 @@ def test_export_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert main(["export-dataset", *args]) == 2
         err = capsys.readouterr().err
         assert err.startswith("vlarl export-dataset: ") and err.count("\n") == 1, err
+
+
+def test_a_dataset_without_vlarl_columns_imports(tmp_path: Path) -> None:
+    """Only LeRobot's own columns (what another LeRobot user's dataset has)."""
+    import pyarrow.parquet as pq
+
+    _, replay_dir = _bridged(tmp_path, seed=25)
+    replay = load_replay(replay_dir)
+    write_lerobot(replay, tmp_path / "ds")
+    data_file = tmp_path / "ds" / "data" / "chunk-000" / "file-000.parquet"
+    table = pq.read_table(data_file)
+    keep = [c for c in table.column_names if not c.startswith(("vlarl.", "next.observation"))]
+    pq.write_table(table.select(keep), data_file)
+
+    back = read_lerobot(tmp_path / "ds").data
+    a = replay.data.select(_ordered(replay.data))
+    assert np.array_equal(back.obs, a.obs) and np.array_equal(back.action, a.action)
+    assert np.array_equal(back.base_action, a.action) and not back.residual.any()
+    for episode in np.unique(back.episode):
+        rows = np.flatnonzero(back.episode == episode)
+        assert np.array_equal(back.step[rows], np.arange(len(rows)))
+        assert np.array_equal(back.next_obs[rows[:-1]], back.obs[rows[1:]])
+        assert np.array_equal(back.next_obs[rows[-1]], back.obs[rows[-1]])
+    done = (a.terminal | a.truncated).astype(bool)
+    assert np.array_equal(back.terminal.astype(bool), done)
