@@ -180,8 +180,8 @@ def bag_layout(path: str | os.PathLike[str]) -> BagLayout:
 
 
 def bag_topics(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Topic -> message type (``pkg/msg/Type``) a bag records: from metadata.yaml, and from
-    the splits themselves for topics it does not list (or when there is none)."""
+    """Topic -> message type (``pkg/msg/Type``) a bag records: as metadata.yaml lists them,
+    or, without a readable one (a recorder killed early, a single file), as its splits do."""
     bag = Path(path)
     found: dict[str, str] = {}
     meta = bag / "metadata.yaml"
