@@ -18,6 +18,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "bringup": ("vlarl.bringup", "run the whole node graph on the embedded robot and record it"),
     "topics": ("vlarl.topics_cli", "print the topic table (markdown)"),
     "bridge": ("vlarl.bag.bridge_cli", "rosbag2 bags -> replay shards (batch, or --follow live)"),
+    "export-dataset": (
+        "vlarl.data.export_cli",
+        "a replay or rosbag2 bags -> a LeRobotDataset (v3.0: parquet, meta, video)",
+    ),
     "collect": ("vlarl.learning.collect", "collect (noisy) scripted-expert demos into a replay"),
     "train-bc": ("vlarl.learning.bc", "train a plain BC policy (MLP regressor of action chunks)"),
     "train-teacher": ("vlarl.learning.teacher", "train the rectified-flow teacher (action chunks)"),

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import yaml
-from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.rosbag2 import CompressionFormat, CompressionMode, StoragePlugin, Writer
 
 from vlarl import topics
 from vlarl.bag.writer import SplitBagWriter, default_typestore
@@ -466,12 +466,28 @@ def write_recorder_bag(
 
 
 def write_stock_bag(
-    path: Path, messages: list[tuple[str, int, bytes]], *, storage: str, splits: int
+    path: Path,
+    messages: list[tuple[str, int, bytes]],
+    *,
+    storage: str,
+    splits: int,
+    compression: str = "",
+    short_types: bool = False,
+    namespace: str = "",
 ) -> list[Path]:
     """Like stock ``ros2 bag record`` with splitting: ``<bag>/<bag>_<k>.<ext>`` files, each
-    written by rosbags' own Writer, and one metadata.yaml (rosbags' layout) listing them all."""
+    written by rosbags' own Writer, and one metadata.yaml (rosbags' layout) listing them all.
+
+    ``compression``: "file" (each split zstd-compressed to ``<bag>_<k>.<ext>.zstd``, as
+    ``--compression-mode file``) or "message" (every message zstd-compressed); ``short_types``
+    spells types ``pkg/Type`` (older rosbag2, its own test bags); ``namespace`` records every
+    topic under it (``/ns/observation``, ...)."""
     plugin = StoragePlugin.MCAP if storage == "mcap" else StoragePlugin.SQLITE3
     ext = ".mcap" if storage == "mcap" else ".db3"
+    if compression:
+        assert compression in ("file", "message")
+    suffix = ext + ".zstd" if compression == "file" else ext
+    prefix = "/" + namespace.strip("/") if namespace.strip("/") else ""
     path.mkdir(parents=True)
     bounds = np.array_split(np.arange(len(messages)), splits)
     files: list[Path] = []
@@ -479,14 +495,25 @@ def write_stock_bag(
     for k, idx in enumerate(bounds):
         stage = path.parent / f".stage-{path.name}-{k}"
         writer = Writer(stage, version=9, storage_plugin=plugin)
+        if compression:
+            writer.set_compression(
+                CompressionMode.FILE if compression == "file" else CompressionMode.MESSAGE,
+                CompressionFormat.ZSTD,
+            )
         writer.open()
-        conns = {t: writer.add_connection(t, m, typestore=TS) for t, m in TOPIC_TYPES.items()}
+        conns = {}
+        for topic, msgtype in TOPIC_TYPES.items():
+            name = msgtype.replace("/msg/", "/") if short_types else msgtype
+            msgdef, _ = TS.generate_msgdef(msgtype, ros_version=2)
+            conns[topic] = writer.add_connection(
+                prefix + topic, name, msgdef=msgdef, rihs01=TS.hash_rihs01(msgtype)
+            )
         for i in idx:
             topic, log_ns, data = messages[int(i)]
             writer.write(conns[topic], log_ns, data)
         writer.close()
-        (produced,) = [p for p in stage.iterdir() if p.suffix == ext]
-        target = path / f"{path.name}_{k}{ext}"
+        (produced,) = [p for p in stage.iterdir() if p.name.endswith(suffix)]
+        target = path / f"{path.name}_{k}{suffix}"
         produced.rename(target)
         documents.append(yaml.safe_load((stage / "metadata.yaml").read_text()))
         shutil.rmtree(stage)

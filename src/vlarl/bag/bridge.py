@@ -3,11 +3,20 @@
 ROS-free (rosbags and mcap read the files; :mod:`vlarl.bag.cdr` decodes the few layouts
 needed), so it runs where no ROS is installed. Reads bag directories (``metadata.yaml`` +
 splits, mcap or sqlite3, written by the vlarl recorder or by stock ``ros2 bag record``) and
-single ``.mcap``/``.db3`` files. How messages become transitions (join by header stamp, teleop,
+single ``.mcap``/``.db3`` files, in rosbag2's stock layouts too (zstd file compression, split
+files ``*.mcap.zstd``/``*.db3.zstd``; zstd message compression; types spelled ``pkg/Type``; see
+:mod:`vlarl.bag.splits`). How messages become transitions (join by header stamp, teleop,
 holds, missing parts, episodes) is documented in :mod:`vlarl.bag.assemble`.
 
-**The ledger.** Every replay directory the bridge writes holds ``bridge-ledger.json``: per bag,
-the splits already ingested, where the episode walk stands, and the name of a *carry* file with
+**Which bags.** Batch mode first checks that every bag records the control path
+(observation, policy action, safety command, reward under ``namespace``) and refuses one that
+does not, naming what it needs and what it found (and the namespace it seems to use), rather
+than bridging it to 0 transitions.
+
+**The ledger.** Every replay directory the bridge writes holds ``bridge-ledger.json``: per bag
+(and namespace: the same recording read under another namespace is other data), the splits
+already ingested (by name without a ``.zstd`` suffix, so a split compressed after it was read
+is not read again), where the episode walk stands, and the name of a *carry* file with
 the raw messages of samples not yet written (an episode still running, messages that may still
 get late parts). Batch and live mode share it: :func:`bridge_bags` is one final pass of the same
 machinery. Each commit is: carry file (new name) -> shard (whose header ``extra.bridge.delta``
@@ -66,7 +75,16 @@ from vlarl.bag.assemble import (
     topic_roles,
 )
 from vlarl.bag.errors import BridgeError
-from vlarl.bag.splits import BagLayout, bag_layout, find_bags, is_bag, newest_change, read_split
+from vlarl.bag.splits import (
+    BagLayout,
+    bag_layout,
+    bag_topics,
+    find_bags,
+    is_bag,
+    newest_change,
+    read_split,
+    split_id,
+)
 from vlarl.data.errors import ReplayError
 from vlarl.data.replay import (
     SHARD_PATTERN,
@@ -543,7 +561,7 @@ class BridgeFollower:
         """Per bag with work to do: (key, path, layout, new splits, finished now)."""
         plan = []
         for bag in self.bags():
-            key = str(bag.resolve())
+            key = self._bag_key(bag)
             entry = self._state["bags"].get(key)
             done = set(entry["done"]) if entry else set()
             layout = bag_layout(bag)
@@ -552,12 +570,19 @@ class BridgeFollower:
             if not finished and idle > 0 and time.time() - newest_change(bag) > idle:
                 finished = True
             candidates = layout.splits if finished else layout.closed
-            new = [p for p in candidates if p.name not in done]
-            missing = [n for n in layout.missing if n not in done]
+            new = [p for p in candidates if split_id(p.name) not in done]
+            missing = [n for n in layout.missing if split_id(n) not in done]
             was_finished = bool(entry and entry["finished"])
             if new or missing or (finished and not was_finished):
                 plan.append((key, bag, layout, new, finished))
         return plan
+
+    def _bag_key(self, bag: Path) -> str:
+        """The ledger's name for a bag: its path, and the namespace read from it (the same
+        recording bridged under another namespace is other data, read anew)."""
+        key = str(bag.resolve())
+        namespace = self.config.namespace.strip("/")
+        return f"{key}#namespace=/{namespace}" if namespace else key
 
     def pending_splits(self, *, final: bool = False) -> list[Path]:
         """The splits the next poll would read."""
@@ -597,14 +622,14 @@ class BridgeFollower:
                 for note in layout.notes:
                     pending.report.notes.append(note)
                 for name in layout.missing:
-                    if name not in entry["done"]:
-                        entry["done"].append(name)
+                    if split_id(name) not in entry["done"]:
+                        entry["done"].append(split_id(name))
                         pending.report.bad_splits.append(
                             BadSplit(str(bag / name), "listed in metadata.yaml but missing")
                         )
                 for split in new:
                     self._ingest(split, asm, pending.report)
-                    entry["done"].append(split.name)
+                    entry["done"].append(split_id(split.name))
                     last = finished and split == new[-1]
                     rows = asm.collect(final=last, next_episode=self._take_episode)
                     pending.rows.extend(rows)
@@ -812,9 +837,46 @@ def bridge_bags(
             raise BridgeError(f"no bag at {path}: it does not exist")
         if not is_bag(path) and not find_bags(path):
             raise BridgeError(f"no bag at {path}: no metadata.yaml, .mcap or .db3 files")
+    namespace = (config or BridgeConfig()).namespace
+    for path in paths:
+        for bag in find_bags(path):
+            check_control_topics(bag, namespace)
     with BridgeFollower(paths, replay_dir, config=config) as follower:
         follower.poll(final=True, progress=progress)
         return follower.last_report
+
+
+CONTROL_ROLES = ("observation", "action", "command", "reward")
+"""The roles without which a bag yields no transition (status and task state are optional)."""
+
+
+def check_control_topics(bag: str | os.PathLike[str], namespace: str = "") -> None:
+    """Raise :class:`BridgeError` naming what is needed and what was found when ``bag`` lacks
+    a control-path topic (of the right type) under ``namespace``."""
+    found = bag_topics(bag)
+    roles = {role: topic for topic, role in topic_roles(namespace).items()}
+    needed = {roles[role]: ROLES[role][1] for role in CONTROL_ROLES}
+    lacking = [topic for topic, msgtype in needed.items() if found.get(topic) != msgtype]
+    if not lacking:
+        return
+    hint = ""
+    suffixes = {ROLES[role][0].strip("/") for role in CONTROL_ROLES}
+    prefixes = sorted(
+        {
+            topic[: -len(suffix) - 1]
+            for topic in found
+            for suffix in suffixes
+            if topic.endswith("/" + suffix) and topic != "/" + suffix
+        }
+    )
+    if prefixes:
+        hint = "; recorded under a namespace? try --namespace " + " or ".join(prefixes)
+    seen = ", ".join(f"{t} ({m})" for t, m in sorted(found.items())) or "no topics"
+    raise BridgeError(
+        f"{bag}: not a recording of the vlarl control path: it needs "
+        + ", ".join(f"{t} ({m})" for t, m in needed.items())
+        + f"; missing {', '.join(lacking)}; found {seen}{hint}"
+    )
 
 
 def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:

@@ -2,7 +2,8 @@
 
 Batch: every split of the given bags (bag directories, single .mcap/.db3 files, or folders of
 bag directories) into ``DIR``, with a progress bar; prints the report (also written to
-``DIR/bridge-report.json``). Running it again on the same bags adds nothing.
+``DIR/bridge-report.json``). Running it again on the same bags adds nothing. A bag without
+the control-path topics is refused (exit 2) with what is needed and what it holds.
 
 ``--follow``: poll BAG (a bag directory or the recorder's output folder) every ``--period-s``
 and ingest each split as it closes, until Ctrl-C; prints the shards as they are written.

@@ -53,6 +53,9 @@ _QOS_NAMES = {
     "liveliness": {"system_default", "automatic", "manual_by_topic", "unknown", "best_available"},
 }
 
+# Largest rmw enum value of each policy (liveliness skips the removed MANUAL_BY_NODE = 2).
+_QOS_MAX = {"history": 3, "reliability": 4, "durability": 4, "liveliness": 5}
+
 
 @dataclass
 class TopicRecord:
@@ -176,8 +179,8 @@ def _check_qos(profile: Any, where: str) -> None:
             raise MetadataError(f"{where}: missing key {key!r}")
     for key, names in _QOS_NAMES.items():
         value = profile[key]
-        if key == "history" and isinstance(value, int) and not isinstance(value, bool):
-            continue  # rosbag2 accepts an int history too
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _QOS_MAX[key]:
+            continue  # the rmw enum value itself (rosbag2 reads those too)
         if value not in names:
             raise MetadataError(f"{where}.{key}: {value!r} is not one of {sorted(names)}")
     for key in ("deadline", "lifespan", "liveliness_lease_duration"):
@@ -185,6 +188,11 @@ def _check_qos(profile: Any, where: str) -> None:
         _need(profile[key], "nsec", int, f"{where}.{key}")
     _need(profile, "depth", int, where)
     _need(profile, "avoid_ros_namespace_conventions", bool, where)
+
+
+def _uncompressed(name: str) -> str:
+    """A split file's name without a compression suffix (``.zstd``: rosbag2's file mode)."""
+    return name.rsplit("/", 1)[-1].removesuffix(".zstd")
 
 
 def check_metadata(document: Any) -> dict[str, Any]:
@@ -236,7 +244,8 @@ def check_metadata(document: Any) -> dict[str, Any]:
             _need(entry, "message_count", int, where)
         if sum(int(f["message_count"]) for f in files) != total:
             raise MetadataError(f"{root}: files' message counts do not add up to message_count")
-        if [f["path"] for f in files] != list(paths):
+        # With file compression one list may name a split before compression, the other after.
+        if [_uncompressed(f["path"]) for f in files] != [_uncompressed(p) for p in paths]:
             raise MetadataError(f"{root}: files and relative_file_paths list different files")
     if version >= 6:
         if "custom_data" not in info:

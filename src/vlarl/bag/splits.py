@@ -3,6 +3,13 @@
 A bag is a directory (``metadata.yaml`` + ``<name>_<k>.mcap|.db3`` splits, as both the vlarl
 recorder and stock ``ros2 bag record`` write it) or a single ``.mcap``/``.db3`` file.
 
+rosbag2's compression is read as it writes it: ``--compression-mode file`` leaves each closed
+split zstd-compressed under the name ``<split>.mcap.zstd`` / ``<split>.db3.zstd`` (decompressed
+into a temporary file to be read), ``--compression-mode message`` compresses every message's
+CDR bytes with zstd (each message that starts with a zstd frame is decompressed; CDR never
+starts that way, so this needs no metadata and works for a single storage file too). Message
+types spelled ``pkg/Type`` (older rosbag2 and its own test bags) are read as ``pkg/msg/Type``.
+
 Closed splits: the vlarl recorder lists a split in ``metadata.yaml`` the moment it closes (the
 open split lives in ``.partial/`` until then) and removes ``.partial/`` when the bag is closed.
 Stock ``ros2 bag record`` writes the open split in the bag directory itself; a split is closed
@@ -19,15 +26,21 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection
+import tempfile
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from vlarl.bag.writer import PARTIAL_DIR
+from vlarl.bag.errors import UnknownTopicError
+from vlarl.bag.writer import PARTIAL_DIR, ros2_type_name
 
 STORAGE_SUFFIXES = (".mcap", ".db3")
+COMPRESSED_SUFFIX = ".zstd"
+"""What rosbag2's file compression appends to a split's name (the only format it ships)."""
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SPLIT_NUMBER = re.compile(r"_(\d+)$")
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10x faster on long lists
 
@@ -44,8 +57,35 @@ class BagLayout:
     notes: list[str] = field(default_factory=list)
 
 
+def storage_suffix(path: Path) -> str | None:
+    """``.mcap``/``.db3`` for a storage file (file-compressed ones included), else None."""
+    name = path.name
+    if name.endswith(COMPRESSED_SUFFIX):
+        name = name[: -len(COMPRESSED_SUFFIX)]
+    suffix = Path(name).suffix
+    return suffix if suffix in STORAGE_SUFFIXES else None
+
+
 def is_storage_file(path: Path) -> bool:
-    return path.suffix in STORAGE_SUFFIXES and not path.name.startswith(".")
+    return storage_suffix(path) is not None and not path.name.startswith(".")
+
+
+def normalize_msgtype(msgtype: str) -> str:
+    """``pkg/Type`` -> ``pkg/msg/Type`` (both spellings name the same ROS 2 message); a name
+    of another shape is kept as it is (it matches no type the bridge reads)."""
+    try:
+        return ros2_type_name(msgtype)
+    except UnknownTopicError:
+        return msgtype
+
+
+def decompress_message(data: bytes) -> bytes:
+    """A message's CDR bytes, zstd-decompressed first when rosbag2 compressed it."""
+    if data[:4] != ZSTD_MAGIC:
+        return data
+    import zstandard
+
+    return zstandard.ZstdDecompressor().decompress(data, max_output_size=1 << 31)
 
 
 def is_bag(path: str | os.PathLike[str]) -> bool:
@@ -71,7 +111,9 @@ def find_bags(root: str | os.PathLike[str]) -> list[Path]:
 
 
 def _split_number(path: Path) -> int | None:
-    match = _SPLIT_NUMBER.search(path.stem)
+    suffix = storage_suffix(path)
+    stem = path.name[: path.name.rindex(suffix)] if suffix else path.stem
+    match = _SPLIT_NUMBER.search(stem)
     return int(match.group(1)) if match else None
 
 
@@ -89,6 +131,12 @@ def _listed_files(bag: Path) -> tuple[list[str] | None, str | None]:
         return None, f"{meta}: unreadable ({exc})"
 
 
+def split_id(name: str) -> str:
+    """A split's name without rosbag2's file-compression suffix: the same split before and
+    after ``--compression-mode file`` compressed it (what the bridge ledger records)."""
+    return name[: -len(COMPRESSED_SUFFIX)] if name.endswith(COMPRESSED_SUFFIX) else name
+
+
 def bag_layout(path: str | os.PathLike[str]) -> BagLayout:
     """The splits of a bag, which of them are closed, and whether the bag is finished."""
     bag = Path(path)
@@ -96,11 +144,18 @@ def bag_layout(path: str | os.PathLike[str]) -> BagLayout:
         return BagLayout(bag, [bag], [bag], finished=True)
     listed, problem = _listed_files(bag)
     notes = [problem] if problem else []
-    on_disk = {p.name: p for p in bag.iterdir() if is_storage_file(p) and p.is_file()}
+    on_disk: dict[str, Path] = {}
+    for p in sorted(bag.iterdir(), key=lambda p: p.name):
+        if is_storage_file(p) and p.is_file():
+            # While rosbag2 compresses a closed split both files exist and only the plain one
+            # is complete: prefer it (sorted order puts it first).
+            on_disk.setdefault(split_id(p.name), p)
+    listed_ids = [split_id(n) for n in listed or []]
+    listed_name = dict(zip(listed_ids, listed or [], strict=True))
     order: dict[str, int] = {}
-    for i, name in enumerate(listed or []):
+    for i, name in enumerate(listed_ids):
         order.setdefault(name, i)
-    names = set(on_disk) | set(listed or [])
+    names = set(on_disk) | set(listed_ids)
 
     def key(name: str) -> tuple[int, int, str]:
         number = _split_number(Path(name))
@@ -109,19 +164,47 @@ def bag_layout(path: str | os.PathLike[str]) -> BagLayout:
         return (order.get(name, 1 << 30), 0, name)
 
     ordered = sorted(names, key=key)
-    missing = [n for n in ordered if n not in on_disk]
+    missing = [listed_name.get(n, n) for n in ordered if n not in on_disk]
     splits = [on_disk[n] for n in ordered if n in on_disk]
-    listed_set = set(listed or [])
+    listed_set = set(listed_ids)
     closed: list[Path] = []
     for i, split in enumerate(splits):
         later = any(_split_number(s) is not None for s in splits[i + 1 :])
-        if split.name in listed_set or later:
+        if split_id(split.name) in listed_set or later:
             closed.append(split)
     partial = (bag / PARTIAL_DIR).exists()
     finished = listed is not None and not partial and all(n in listed_set for n in on_disk)
     if listed is None and not problem:
         notes.append(f"{bag}: no metadata.yaml; splits found by their file names")
     return BagLayout(bag, splits, closed, finished, missing, notes)
+
+
+def bag_topics(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Topic -> message type (``pkg/msg/Type``) a bag records: as metadata.yaml lists them,
+    or, without a readable one (a recorder killed early, a single file), as its splits do."""
+    bag = Path(path)
+    found: dict[str, str] = {}
+    meta = bag / "metadata.yaml"
+    if bag.is_dir() and meta.is_file():
+        try:
+            doc = yaml.load(meta.read_text(encoding="utf-8"), Loader=_LOADER)
+            for entry in doc["rosbag2_bagfile_information"]["topics_with_message_count"]:
+                topic = entry["topic_metadata"]
+                found[str(topic["name"])] = normalize_msgtype(str(topic["type"]))
+        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+            found = {}
+        if found:
+            return found
+    from rosbags.rosbag2 import Reader
+
+    for split in bag_layout(bag).splits:
+        try:
+            with storage_file(split) as plain, Reader(plain) as reader:
+                for conn in reader.connections:
+                    found.setdefault(conn.topic, normalize_msgtype(conn.msgtype))
+        except Exception:  # a damaged split: the bridge reports it when it reads it
+            continue
+    return found
 
 
 def newest_change(bag: str | os.PathLike[str]) -> float:
@@ -156,6 +239,21 @@ class SplitRead:
     salvaged: int = 0  # messages recovered from a damaged split
 
 
+@contextmanager
+def storage_file(path: Path) -> Iterator[Path]:
+    """``path`` itself, or for a file-compressed split its decompressed copy (removed after)."""
+    if not path.name.endswith(COMPRESSED_SUFFIX):
+        yield path
+        return
+    import zstandard
+
+    with tempfile.TemporaryDirectory(prefix="vlarl-split-") as tmp:
+        plain = Path(tmp) / path.name[: -len(COMPRESSED_SUFFIX)]
+        with open(path, "rb") as src, open(plain, "wb") as dst:
+            zstandard.ZstdDecompressor().copy_stream(src, dst)
+        yield plain
+
+
 def read_split(path: Path, *, topics: Collection[str] | None = None) -> SplitRead:
     """Every message of ``topics`` (all when None) in one storage file.
 
@@ -167,14 +265,14 @@ def read_split(path: Path, *, topics: Collection[str] | None = None) -> SplitRea
     messages: list[tuple[str, int, bytes]] = []
     types: dict[str, str] = {}
     try:
-        with Reader(path) as reader:
-            types = {c.topic: c.msgtype for c in reader.connections}
+        with storage_file(path) as plain, Reader(plain) as reader:
+            types = {c.topic: normalize_msgtype(c.msgtype) for c in reader.connections}
             conns = [c for c in reader.connections if topics is None or c.topic in topics]
             if conns:
                 for conn, timestamp, data in reader.messages(connections=conns):
-                    messages.append((conn.topic, int(timestamp), bytes(data)))
+                    messages.append((conn.topic, int(timestamp), decompress_message(data)))
         return SplitRead(path, messages, types)
-    except Exception as exc:  # rosbags raises several types for damaged files
+    except Exception as exc:  # rosbags, zstandard raise several types for damaged files
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if path.suffix == ".mcap":
         salvaged, salvaged_types = _salvage_mcap(path, topics)
@@ -204,8 +302,9 @@ def _salvage_mcap(
                 elif isinstance(record, Message):
                     topic = channels.get(record.channel_id)
                     if topic is not None and (topics is None or topic[0] in topics):
-                        out.append((topic[0], int(record.log_time), bytes(record.data)))
+                        data = decompress_message(bytes(record.data))
+                        out.append((topic[0], int(record.log_time), data))
     except Exception:  # the damage: keep what came before it
         pass
     out.sort(key=lambda m: m[1])
-    return out, {topic: msgtype for topic, msgtype in channels.values()}
+    return out, {topic: normalize_msgtype(msgtype) for topic, msgtype in channels.values()}

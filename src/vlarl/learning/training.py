@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from vlarl.data.errors import ReplayError
-from vlarl.data.replay import Replay, load_replay
+from vlarl.data.lerobot import load_replay_or_lerobot
+from vlarl.data.replay import Replay
 from vlarl.learning import envs
 from vlarl.learning.dataset import ChunkDataset, build_chunks
 from vlarl.learning.errors import LearningError
@@ -31,7 +32,7 @@ def load_demonstrations(
     use_instructions: bool,
     episodes: str = "all",
 ) -> tuple[ChunkDataset, Replay]:
-    """Chunked samples of one or more replay directories (comma-separated).
+    """Chunked samples of one or more replay directories or LeRobotDatasets (comma-separated).
 
     ``episodes`` = "success" keeps only the episodes that reached the goal (success-filtered
     learning from the same demonstrations); "all" keeps everything.
@@ -40,7 +41,7 @@ def load_demonstrations(
     if not dirs:
         raise LearningError("--data names no replay directory")
     try:
-        replay = load_replay(dirs)
+        replay = load_replay_or_lerobot(dirs)  # LeRobotDatasets train too
     except ReplayError as exc:
         raise LearningError(f"cannot load demonstrations: {exc}") from None
     chosen = envs.parse_tasks(tasks) if tasks else tuple(replay.tasks)
