@@ -213,12 +213,11 @@ class Improver:
         actor = self.stage.deployed
         tag = self.stage.tag_of(actor)
         kept, tried, steps = 0, 0, 0
+        longest_prefix = int(c.hybrid_prefix * c.max_episode_steps)
         with ReplayWriter(folder, source="improve:hybrid", tasks=[c.task]) as writer:
             for _attempt in range(1 + c.hybrid_retries):
                 for _ in range(c.hybrid_episodes):
-                    prefix = int(
-                        self.rng.integers(0, int(c.hybrid_prefix * c.max_episode_steps) + 1)
-                    )
+                    prefix = int(self.rng.integers(0, longest_prefix + 1))
                     ep = run_episode(
                         self.robot,
                         controller,
