@@ -339,6 +339,26 @@ def test_learner_forgives_debt_it_cannot_pay(tmp_path: Path) -> None:
     )
 
 
+def test_a_probe_without_success_is_extended_and_says_so(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    replay = tmp_path / "replay"
+    _write_replay(replay, rng, tag="base-policy@3", episodes=6, successes=0)
+    learner = ResidualLearner(
+        _learner_config(probe_transitions=60, warmup_ramp=10, max_probe_extensions=3),
+        base=_meta(),
+        replay_dir=replay,
+    )
+    assert learner.ingest() == 180
+    assert learner.probe_extensions == 2 and learner.status()["probe_transitions"] == 240
+    assert learner.current_scale() == 0.0 and learner.propose() is None
+    assert "no success" in learner.status()["notes"][-1]
+    # A success of the base alone ends the extension: learning starts after the probe.
+    _write_replay(replay, rng, tag="base-policy@3", episodes=3, successes=1)
+    learner.ingest()
+    assert len(learner.offline) == 30 and learner.probe_extensions == 2
+    assert learner.current_scale() > 0.0
+
+
 def test_learner_reports_bad_shards(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     replay = tmp_path / "replay"

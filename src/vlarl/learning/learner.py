@@ -75,6 +75,9 @@ class LearnerConfig:
     )
     prescreen_tolerance: float = arg(0.02, "how much lower the candidate's estimate may be")
     prescreen_states: int = arg(1024, "most recent states the pre-screen evaluates on")
+    max_probe_extensions: int = arg(
+        3, "a probe that found no success is doubled this often before learning starts anyway"
+    )
     max_owed_updates: int = arg(
         4000, "update debt beyond this is forgiven and counted (the learner says it fell behind)"
     )
@@ -161,6 +164,9 @@ class ResidualLearner:
         self.published: list[dict[str, Any]] = list(self.state.extra.get("published", []))
         self.gated = 0
         self.last_stats: dict[str, float] = {}
+        self.probe_transitions = config.probe_transitions  # extended while nothing succeeds
+        self.probe_extensions = 0
+        self.notes: list[str] = []
 
     # ------------------------------------------------------------------ data
     def ingest(self) -> int:
@@ -209,6 +215,7 @@ class ResidualLearner:
         self.recent_episodes = self.recent_episodes[-200:]
         self.transitions += len(data)
         self.state.env_steps = max(self.state.env_steps, self.transitions)
+        self._extend_probe_without_success()
         # Owed = utd per transition, minus what the agent (possibly resumed) already ran and
         # what was forgiven.
         owed = self.transitions * self.config.utd - self.agent.updates - self.updates_forgiven
@@ -243,11 +250,32 @@ class ResidualLearner:
         """Updates run per transition added, in this process."""
         return self.updates_done / self.transitions if self.transitions else 0.0
 
+    def _extend_probe_without_success(self) -> None:
+        """A probe that ends with an empty offline buffer (no success of the base alone, no
+        intervention) would start RL with nothing to anchor it: probe longer, and say so."""
+        probe = max(self.probe_transitions, self.config.probe_transitions)
+        while (
+            self.state.env_steps > probe
+            and len(self.offline) == 0
+            and self.probe_extensions < self.config.max_probe_extensions
+            and self.state.deployed_version == 0
+        ):
+            self.probe_transitions = 2 * probe
+            self.probe_extensions += 1
+            note = (
+                f"probe found no success in {probe} transitions: extended to "
+                f"{self.probe_transitions} ({self.probe_extensions}/"
+                f"{self.config.max_probe_extensions})"
+            )
+            self.notes.append(note)
+            print(f"learner: {note}", flush=True)
+            probe = self.probe_transitions
+
     def current_scale(self) -> float:
         return warmup_scale(
             self.state.env_steps,
             delta=self.config.agent.delta,
-            start=self.config.probe_transitions,
+            start=max(self.probe_transitions, self.config.probe_transitions),
             ramp=self.config.warmup_ramp,
         )
 
@@ -346,6 +374,8 @@ class ResidualLearner:
             "gated": self.gated,
             "resumed": self.resumed,
             "bad_shards": len(self.bad_shards),
+            "probe_transitions": max(self.probe_transitions, self.config.probe_transitions),
+            "notes": self.notes[-5:],
             "recent_success": (sum(ok for _, ok in recent) / len(recent)) if recent else None,
             "episodes_by_tag": {
                 k: {"episodes": v[0], "successes": v[1]} for k, v in self.episodes_by_tag.items()
