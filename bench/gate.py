@@ -1,14 +1,15 @@
 """Deployment gate benchmark (issue 11): does the rollout gate refuse worse candidates?
 
-Two policies on the same deployment (the shipped base on the arm shifted by
-``--action-offset``, real simulator, real safety filter, the policy node's chunking):
-``plain`` is the base alone; ``noisy`` is the base with Gaussian noise of ``--noise`` std on
-the residual channel (safety clamps it to ±delta), i.e. the deployed actor with added noise.
-Each trial runs :class:`vlarl.learning.gate.DeploymentGate` (the code ``vlarl improve`` runs)
-from scratch on fresh layouts, candidate and deployed taking turns, until its verdict:
+Three policies on the same deployment (the shipped base on the arm shifted by
+``--action-offset``, real simulator, real safety filter, the policy node's chunking): ``plain``
+is the deployed base alone; ``broken`` is the base with a constant residual that doubles the
+shift (plus exploration noise), a candidate known to be worse; ``corrected`` is the base with
+the constant residual that cancels the shift, a candidate known to be better. Each trial runs
+:class:`vlarl.learning.gate.DeploymentGate` (the code ``vlarl improve`` runs) from scratch on
+fresh layouts, candidate and deployed taking turns, until its verdict:
 
-- ``worse`` trials: deployed = plain, candidate = noisy -> a promotion is a false promotion;
-- ``better`` trials: deployed = noisy, candidate = plain -> a promotion is a true promotion.
+- ``worse`` trials: deployed = plain, candidate = broken -> a promotion is a false promotion;
+- ``better`` trials: deployed = plain, candidate = corrected -> a promotion is a true one.
 
 Writes ``bench/results/gate.json`` (``false_promotion_rate``, ``true_promotion_rate``, the
 episodes spent per verdict, each trial's tallies) and ``bench/results/gate.png``.
@@ -37,17 +38,18 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-class ZeroResidual:
-    """The deployed actor's residual slot with nothing in it (the noise is added on top)."""
+class ConstantResidual:
+    """A residual actor that always adds the same correction (safety clamps it to ±delta)."""
 
     obs_dim = 39
     action_dim = 4
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str, value: np.ndarray) -> None:
         self.tag = tag
+        self.value = np.asarray(value, np.float32)
 
     def __call__(self, obs: np.ndarray, base_action: np.ndarray, out: np.ndarray) -> None:
-        out[:] = 0.0
+        out[:] = self.value
 
 
 def run_trial(
@@ -63,10 +65,13 @@ def run_trial(
     )
     controller = Controller(base, task=args.task, replan_every=4, delta=0.3)
     rng = np.random.default_rng(trial)
-    noisy = ZeroResidual("noisy@1")
     # (actor, noise std) of each arm
-    plain_arm, noisy_arm = (None, 0.0), (noisy, args.noise)
-    deployed, candidate = (plain_arm, noisy_arm) if kind == "worse" else (noisy_arm, plain_arm)
+    deployed = (None, 0.0)
+    candidate = (
+        (ConstantResidual("broken@1", offset), args.noise)
+        if kind == "worse"
+        else (ConstantResidual("corrected@1", -offset), args.noise)
+    )
     gate = DeploymentGate(rule, deployed="deployed")
     gate.propose("candidate")
     episodes = 0
@@ -114,7 +119,7 @@ def main() -> int:
     p.add_argument("--task", default="pick-place-v3")
     p.add_argument("--base-model", default="models/pick-place-v3-student.onnx")
     p.add_argument("--action-offset", default="0,0.2,0,0")
-    p.add_argument("--noise", type=float, default=0.3, help="std of the worse arm's noise")
+    p.add_argument("--noise", type=float, default=0.05, help="candidates' exploration noise")
     p.add_argument("--max-episode-steps", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS / "gate.json"))
@@ -163,8 +168,9 @@ def main() -> int:
             for kind in ("worse", "better")
         },
         "observed_success": {
-            "plain": (success("worse", "deployed") + success("better", "candidate")) / 2,
-            "noisy": (success("worse", "candidate") + success("better", "deployed")) / 2,
+            "plain": (success("worse", "deployed") + success("better", "deployed")) / 2,
+            "broken": success("worse", "candidate"),
+            "corrected": success("better", "candidate"),
         },
         "trials": trials,
         "wall_s": round(time.perf_counter() - t0, 1),
