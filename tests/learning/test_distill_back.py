@@ -19,6 +19,7 @@ from vlarl.contract import ContractError, ModelMetadata
 from vlarl.core.onnx_policy import OnnxPolicy
 from vlarl.data.replay import ReplayWriter, load_replay
 from vlarl.learning import distill, envs, teacher
+from vlarl.learning.checkpoint import load_checkpoint
 from vlarl.learning.collect import CollectConfig, collect, run_episode
 from vlarl.learning.distill_back import (
     DistillBackConfig,
@@ -27,6 +28,8 @@ from vlarl.learning.distill_back import (
     lineage_of,
     replay_digest,
     set_gate_verdict,
+    student_from_onnx,
+    teacher_from_student,
 )
 from vlarl.learning.errors import LearningError
 
@@ -238,3 +241,20 @@ def test_cli_refuses_bad_input_in_one_line(
     assert main(argv("no-version")) == 2
     assert "model_id@version" in capsys.readouterr().err
     assert not (root / "cli").exists()
+
+
+def test_student_from_onnx_recovers_the_exported_checkpoint(
+    tiny: tuple[Path, DistillBackResult], tmp_path: Path
+) -> None:
+    _, result = tiny
+    digest = student_from_onnx(result.onnx, tmp_path / "student.safetensors")
+    assert digest == result.metadata.lineage["checkpoints"]["student"]
+    teacher_digest = teacher_from_student(
+        load_checkpoint(tmp_path / "student.safetensors"),
+        [tiny[0] / "demos"],
+        tmp_path / "teacher" / "teacher.safetensors",
+        tiny_config(tiny[0], finetune_steps=10),
+    )
+    teacher_ckpt = load_checkpoint(tmp_path / "teacher" / "teacher.safetensors")
+    assert teacher_ckpt.spec.kind == "teacher" and teacher_ckpt.sha256 == teacher_digest
+    assert teacher_ckpt.parent == digest

@@ -86,11 +86,11 @@ class DistillBackConfig:
     )
     rl_fraction: float = arg(0.5, "share of every batch drawn from the RL data (the mixture ratio)")
     rl_episodes: str = arg("success", "RL episodes learned from: 'success' or 'all'")
-    finetune_steps: int = arg(1500, "teacher fine-tuning gradient steps")
-    finetune_lr: float = arg(1e-4, "teacher peak learning rate (AdamW, warm-up then cosine)")
+    finetune_steps: int = arg(2000, "teacher fine-tuning gradient steps")
+    finetune_lr: float = arg(3e-4, "teacher peak learning rate (AdamW, warm-up then cosine)")
     finetune_ema: float = arg(0.99, "decay of the teacher weight average that is saved")
     distill_steps: int = arg(1500, "student re-distillation gradient steps")
-    distill_lr: float = arg(1e-4, "student peak learning rate (AdamW, warm-up then cosine)")
+    distill_lr: float = arg(3e-4, "student peak learning rate (AdamW, warm-up then cosine)")
     distill_ema: float = arg(0.99, "decay of the student weight average that is exported")
     target_ema: float = arg(0.95, "decay of the consistency target network f-")
     anchor_weight: float = arg(1.0, "weight of the endpoint anchor term (0 = pure consistency)")
@@ -140,6 +140,7 @@ class DistillBackResult:
     student_checkpoint: Path
     losses: dict[str, Any]  # first/final values and the logged curves of every loss
     wall_s: float
+    cpu_s: float  # CPU time of this process (the budget is one core; the machine may be shared)
     stage_s: dict[str, float] = field(default_factory=dict)
     max_abs_err_vs_pytorch: float = float("nan")
 
@@ -406,7 +407,7 @@ def _distill_back(
     version: int,
     model_id: str,
 ) -> DistillBackResult:
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     set_threads(cfg.threads)
     set_seed(cfg.seed)
     write_config(run_dir, "distill-back", cfg)
@@ -518,6 +519,7 @@ def _distill_back(
         student_checkpoint=run_dir / STUDENT_FILE,
         losses=losses,
         wall_s=wall,
+        cpu_s=time.process_time() - cpu_start,
         stage_s={k: round(v, 2) for k, v in stage_s.items()},
         max_abs_err_vs_pytorch=float(exported["max_abs_err_vs_pytorch"]),
     )
@@ -528,10 +530,101 @@ def _distill_back(
         lineage=lineage,
         losses={k: v for k, v in losses.items() if k != "curves"},
         wall_s=round(wall, 2),
+        cpu_s=round(result.cpu_s, 2),
         stage_s=result.stage_s,
         max_abs_err_vs_pytorch=result.max_abs_err_vs_pytorch,
     )
     return result
+
+
+def student_from_onnx(path: str | Path, out: str | Path) -> str:
+    """Write the torch checkpoint of an exported one-step student (its exact weights, read from
+    the ONNX initializers); returns the checkpoint digest, which equals the digest of the
+    checkpoint the file was exported from (recorded as ``checkpoint_sha256`` by the export)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from vlarl.learning.networks import PolicySpec, build_policy
+
+    model = onnx.load_model(str(path))
+    meta = ModelMetadata.from_props({p.key: p.value for p in model.metadata_props})
+    if meta.kind != "student" or meta.start_noise > 0:
+        raise LearningError(f"{path} is not a deterministic one-step student ({meta.kind})")
+    weights = {
+        t.name.removeprefix("policy."): numpy_helper.to_array(t)
+        for t in model.graph.initializer
+        if t.name.startswith("policy.")
+    }
+    cond_proj = weights.get("cond.proj.weight")
+    first = weights["field.net.0.weight"]
+    depth = sum(1 for k in weights if k.startswith("field.net.") and k.endswith(".weight")) // 2
+    spec = PolicySpec(
+        kind="student",
+        obs_dim=meta.obs_dim,
+        action_dim=meta.action_dim,
+        chunk_length=meta.chunk_length,
+        instr_dim=meta.instr_dim,
+        hidden=int(first.shape[0]),
+        depth=depth,
+        instr_proj=64 if cond_proj is None else int(cond_proj.shape[0]),
+        time_features=0,
+        steps=1,
+        obs_kind=meta.obs_kind,
+        tasks=list(meta.tasks),
+        control_dt=meta.control_dt,
+        instr_norm="cond.instr_mean" in weights,
+        task_norm="task_norm.mean" in weights,
+    )
+    flat = meta.chunk_length * meta.action_dim
+    # The first layer sees [x (flat), time features (2 * n), condition]; solve for n.
+    cond_dim = meta.obs_dim + (spec.instr_proj if meta.instr_dim > 0 else 0)
+    spec.time_features = (int(first.shape[1]) - flat - cond_dim) // 2
+    policy = build_policy(spec)
+    state = policy.state_dict()
+    missing = [n for n in state if n not in weights and n != "field.time.freqs"]
+    if missing:  # the time frequencies are a function of the spec; every other tensor must be read
+        raise LearningError(f"{path}: the graph does not hold {', '.join(missing)}")
+    for name in state:
+        if name in weights:
+            state[name] = torch.from_numpy(weights[name].copy())
+    policy.load_state_dict(state, strict=True)
+    instructions = {t: np.asarray(v, np.float32) for t, v in meta.instructions.items()}
+    return save_checkpoint(
+        out, policy, step=0, instructions=instructions or None, config={"from_onnx": str(path)}
+    )
+
+
+def teacher_from_student(
+    student: Checkpoint, demos: list[Path], out: str | Path, cfg: DistillBackConfig
+) -> str:
+    """A flow teacher for a base whose own teacher is not at hand: the student's network read as
+    a velocity field, then trained by flow matching on the demonstrations
+    (``cfg.finetune_steps``, ``cfg.finetune_lr``).
+
+    Why it is a valid start: the student is f(x_t, t) = x_t + (1 - t) F(x_t, t), and on the
+    straight path x_t = (1 - t) x_0 + t x_1 the flow-matching target x_1 - x_0 equals
+    (x_1 - x_t) / (1 - t), which is F when f(x_t, t) = x_1. So F is the velocity field that
+    f implies; one Euler step of it from x_0 = 0 is exactly the student's action.
+    """
+    from vlarl.learning.networks import build_policy
+
+    spec = dataclasses.replace(student.spec, kind="teacher", steps=10)
+    teacher = build_policy(spec)
+    teacher.load_state_dict(student.policy.state_dict(), strict=True)
+    ckpt = dataclasses.replace(student, policy=teacher, spec=spec, config={})
+    data, _ = _load_samples(demos, ckpt, episodes="all", what="demonstrations")
+    batches = MixedBatches(data, data, rl_fraction=0.0, batch_size=cfg.batch_size)
+    with run_folder(Path(out).parent, overwrite=True, marker=Path(out).name) as run_dir:
+        trained, curve = finetune_teacher(ckpt, batches, cfg, MetricsLog(run_dir))
+    print(f"teacher from student: flow-matching loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f}")
+    return save_checkpoint(
+        out,
+        trained,
+        step=cfg.finetune_steps,
+        instructions=student.instructions or None,
+        config={"teacher_from_student": student.sha256, "recipe": asdict(cfg)},
+        parent=student.sha256,
+    )
 
 
 def lineage_of(path: str | Path) -> dict[str, Any]:
@@ -570,12 +663,12 @@ def set_gate_verdict(path: str | Path, verdict: str, **details: Any) -> str:
     record = path.with_suffix(".export.json")
     if record.is_file():  # keep the export record's digest and metadata in step with the file
         doc = json.loads(record.read_text())
-        doc.update(sha256=digest, bytes=len(new), metadata=dict(meta_props(new)))
+        doc.update(sha256=digest, bytes=len(new), metadata=dict(_meta_props(new)))
         write_json(record, doc)
     return digest
 
 
-def meta_props(onnx_bytes: bytes) -> dict[str, str]:
+def _meta_props(onnx_bytes: bytes) -> dict[str, str]:
     import onnx
 
     model = onnx.load_model_from_string(onnx_bytes)
@@ -622,7 +715,8 @@ def _run(args: argparse.Namespace) -> int:
     losses = result.losses
     print(
         f"wrote {result.onnx} ({result.tag}, sha256 {result.sha256[:16]}...) in "
-        f"{result.wall_s:.0f} s; teacher loss {losses['finetune_first']:.4f} -> "
+        f"{result.wall_s:.0f} s ({result.cpu_s:.0f} s CPU); teacher loss "
+        f"{losses['finetune_first']:.4f} -> "
         f"{losses['finetune_final']:.4f}, consistency {losses['consistency_first']:.5f} -> "
         f"{losses['consistency_final']:.5f}, anchor {losses['anchor_first']:.5f} -> "
         f"{losses['anchor_final']:.5f}; max |onnxruntime - pytorch| "
