@@ -42,6 +42,7 @@ import torch
 from vlarl.contract import ModelMetadata
 from vlarl.data.errors import ReplayError
 from vlarl.data.replay import Replay, ShardInfo, atomic_write_bytes, load_replay
+from vlarl.graph import resolve_model_path
 from vlarl.learning.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from vlarl.learning.dataset import TensorData, build_chunks
 from vlarl.learning.distill import consistency_losses
@@ -411,8 +412,8 @@ def _distill_back(
     set_threads(cfg.threads)
     set_seed(cfg.seed)
     write_config(run_dir, "distill-back", cfg)
-    teacher_ckpt = load_checkpoint(cfg.teacher)
-    student_ckpt = load_checkpoint(cfg.student)
+    teacher_ckpt = load_checkpoint(resolve_model_path(cfg.teacher))
+    student_ckpt = load_checkpoint(resolve_model_path(cfg.student))
     if not isinstance(teacher_ckpt.policy, FlowPolicy):
         raise LearningError(
             f"{cfg.teacher} is a {teacher_ckpt.spec.kind!r} checkpoint, not a teacher"
