@@ -29,6 +29,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "vlarl.learning.distill",
         "consistency-distill the teacher into a one-step policy",
     ),
+    "distill-back": (
+        "vlarl.learning.distill_back",
+        "a new base version: fine-tune the teacher on demos + RL successes, re-distill, export",
+    ),
     "export": ("vlarl.learning.export", "export a checkpoint to ONNX (and TensorRT on a GPU)"),
     "evaluate": ("vlarl.learning.evaluate", "evaluate a policy in-process on Meta-World"),
     "collect-reward": (

@@ -23,6 +23,9 @@ Metadata (ONNX ``metadata_props``, all strings; keys prefixed ``vlarl.``):
                   inside the graph, so two calls on the same input differ)
   control_dt      seconds per action step the model was trained for
   created         ISO-8601 time of export
+  lineage         optional JSON object: where a distilled base version came from (parent base
+                  tag, digests of its training data, the residual version that collected the RL
+                  data, the gate's verdict); absent for models trained from scratch
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class ModelMetadata:
     normalization: dict[str, Any] = field(default_factory=dict)
     control_dt: float = 0.0125
     created: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tag(self) -> str:
@@ -102,6 +106,8 @@ class ModelMetadata:
             "control_dt": repr(float(self.control_dt)),
             "created": self.created,
         }
+        if self.lineage:
+            props["lineage"] = json.dumps(self.lineage, sort_keys=True)
         return {PREFIX + k: v for k, v in props.items()}
 
     @classmethod
@@ -168,6 +174,9 @@ class ModelMetadata:
             control_dt = float(raw.get("control_dt", "0.0125"))
         except ValueError:
             raise ContractError(f"{PREFIX}control_dt is not a number") from None
+        lineage = as_json("lineage", {})
+        if not isinstance(lineage, dict):
+            raise ContractError(f"{PREFIX}lineage must be a JSON object")
         return cls(
             model_id=model_id,
             version=as_int("version", 0),
@@ -182,4 +191,5 @@ class ModelMetadata:
             normalization=normalization,
             control_dt=control_dt,
             created=raw.get("created", ""),
+            lineage=lineage,
         )

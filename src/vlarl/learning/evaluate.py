@@ -44,6 +44,11 @@ class EvaluateConfig:
     max_steps: int = arg(envs.MAX_EPISODE_STEPS, "steps after which an episode counts as failed")
     parallel: int = arg(10, "episodes stepped in lockstep (batched inference)")
     threads: int = arg(1, "inference threads (PyTorch or ONNX Runtime intra-op)")
+    action_offset: str = arg(
+        "0,0,0,0",
+        "deployment shift: commands execute as clip(command + offset), as on a shifted "
+        "MetaWorldRobot (4 numbers)",
+    )
     out: str = arg("", "results JSON (default: eval-<model>-<tasks>.json beside the policy)")
 
 
@@ -84,8 +89,12 @@ def evaluate_task(
     max_steps: int,
     parallel: int,
     progress: tqdm | None = None,
+    action_offset: np.ndarray | None = None,
 ) -> TaskResult:
-    """Run ``episodes`` episodes of ``task``; ``parallel`` at a time in lockstep."""
+    """Run ``episodes`` episodes of ``task``; ``parallel`` at a time in lockstep.
+
+    With ``action_offset`` every command executes as clip(command + offset) (a shifted arm).
+    """
     if task not in policy.tasks:
         raise LearningError(
             f"{policy.name} was not trained on {task!r} (its tasks: {', '.join(policy.tasks)})"
@@ -128,6 +137,8 @@ def evaluate_task(
                     if not alive[j]:
                         continue
                     action, _ = scheds[j].next()
+                    if action_offset is not None:
+                        action = np.clip(action + action_offset, -1.0, 1.0)
                     next_obs, reward, _, truncated, success = envs.step_env(pool[j], action)
                     obs[j] = next_obs
                     returns[ids[j]] += reward
@@ -167,6 +178,9 @@ def evaluate(cfg: EvaluateConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Evaluate ``cfg.policy``; returns (and writes) the results document."""
     if cfg.episodes < 1:
         raise LearningError("--episodes must be >= 1")
+    from vlarl.learning.train_residual import parse_offset
+
+    offset = parse_offset(cfg.action_offset)
     policy = load_acting_policy(
         cfg.policy, steps=cfg.steps, noise_scale=cfg.noise_scale, threads=cfg.threads, seed=cfg.seed
     )
@@ -184,6 +198,7 @@ def evaluate(cfg: EvaluateConfig, *, quiet: bool = False) -> dict[str, Any]:
                 max_steps=cfg.max_steps,
                 parallel=cfg.parallel,
                 progress=bar,
+                action_offset=offset if offset.any() else None,
             )
     total_k = sum(r.successes for r in results.values())
     total_n = sum(r.episodes for r in results.values())

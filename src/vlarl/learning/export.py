@@ -96,7 +96,13 @@ class _ObsInstruction(_Sampler):
 
 
 def metadata_for(
-    ckpt: Checkpoint, *, model_id: str, version: int, steps: int, start_noise: float = 0.0
+    ckpt: Checkpoint,
+    *,
+    model_id: str,
+    version: int,
+    steps: int,
+    start_noise: float = 0.0,
+    lineage: dict[str, Any] | None = None,
 ) -> ModelMetadata:
     spec = ckpt.spec
     normalization: dict[str, Any] = dict(ckpt.policy.normalizer.to_json())
@@ -120,6 +126,7 @@ def metadata_for(
         normalization=normalization,
         control_dt=spec.control_dt,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
+        lineage=dict(lineage or {}),
     )
 
 
@@ -210,7 +217,8 @@ def ort_run(onnx_bytes: bytes, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return sess.run([OUTPUT_ACTION_CHUNK], feeds)[0]
 
 
-def export(cfg: ExportConfig) -> dict[str, Any]:
+def export(cfg: ExportConfig, *, lineage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export, check and write ``cfg.out``; ``lineage`` goes into the metadata (distill-back)."""
     out = Path(cfg.out)
     if out.suffix != ".onnx":
         raise LearningError(f"--out must end in .onnx, got {out}")
@@ -234,7 +242,12 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     if cfg.start_noise > 0 and not isinstance(policy, FlowPolicy | ConsistencyPolicy):
         raise LearningError("--start-noise applies to teacher and student checkpoints only")
     meta = metadata_for(
-        ckpt, model_id=model_id, version=cfg.version, steps=steps, start_noise=cfg.start_noise
+        ckpt,
+        model_id=model_id,
+        version=cfg.version,
+        steps=steps,
+        start_noise=cfg.start_noise,
+        lineage=lineage,
     )
     doc = (
         f"vlarl {ckpt.spec.kind} policy exported from {Path(cfg.checkpoint).name} "
