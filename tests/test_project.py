@@ -1,8 +1,9 @@
-"""The README stays true: its topic table, its test command in .ci/run, the launch file."""
+"""The README stays true: its topic table, its test command in .ci/run, the package layout.
+
+The launch file is compared with ``vlarl bringup`` in test_launch_parity.py."""
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
 
@@ -35,27 +36,6 @@ def test_every_node_has_a_console_script_a_module_and_a_parameter_file() -> None
         assert f'"{spec.name}": "{spec.module}:main"' in setup
         assert (ROOT / "src" / (spec.module.replace(".", "/") + ".py")).is_file(), spec.module
         assert (ROOT / "config" / spec.params_file).is_file(), spec.params_file
-
-
-def test_launch_file_uses_the_shared_graph_and_declares_the_arguments() -> None:
-    source = (ROOT / "launch" / "bringup.launch.py").read_text()
-    tree = ast.parse(source)
-    imported = {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module == "vlarl.graph"
-        for alias in node.names
-    }
-    assert "GRAPH" in imported
-    declared = {
-        node.args[0].value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and getattr(node.func, "id", None) == "DeclareLaunchArgument"
-        and node.args
-        and isinstance(node.args[0], ast.Constant)
-    }
-    assert {"task", "model", "record", "rviz", "use_sim_time"} <= declared
 
 
 def test_colcon_workspace_reaches_the_package() -> None:
