@@ -158,13 +158,16 @@ def _writable_dir(path: Path, what: str) -> None:
         raise GraphArgumentError(f"{what} {path}: not a writable folder")
 
 
-def _check_outputs(args: argparse.Namespace, run_dir: Path, results_path: Path) -> None:
+def _check_numbers(args: argparse.Namespace) -> None:
     if args.episodes < 1:
         raise GraphArgumentError(f"--episodes must be >= 1, got {args.episodes}")
     if not args.timeout > 0:
         raise GraphArgumentError(f"--timeout must be > 0 s, got {args.timeout}")
     if args.domain_id is not None and not 0 <= args.domain_id <= 232:
         raise GraphArgumentError(f"--domain-id must be in 0-232, got {args.domain_id}")
+
+
+def _check_outputs(args: argparse.Namespace, run_dir: Path, results_path: Path) -> None:
     if results_path.is_dir():
         raise GraphArgumentError(f"--results {results_path} is a folder; give a file name")
     _writable_dir(run_dir, "run folder")
@@ -211,6 +214,7 @@ def run(args: argparse.Namespace) -> int:
     log_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"bringup-{stamp}"
     results_path = Path(args.results) if args.results else log_dir / "bringup.json"
     # Everything that can be refused is refused here, before a node starts.
+    _check_numbers(args)
     check_arguments(graph_args)
     _check_outputs(args, log_dir, results_path)
     domain_id = _domain_id(args.domain_id)

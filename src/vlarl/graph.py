@@ -213,7 +213,7 @@ def node_overrides(
     ``run_dir`` holds what the run writes besides the bag (learner replay and checkpoint by
     default); ``bag_name`` is the recording's folder name under ``bag_dir``.
     """
-    model = str(resolve_model_path(args.model))
+    model = str(resolve_model_path(args.model).resolve())
     bag_dir = Path(args.bag_dir).expanduser().resolve()
     overrides: dict[str, dict[str, Any]] = {
         "sim_robot": {
