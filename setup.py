@@ -1,4 +1,10 @@
-"""vlarl: ament_python package (colcon) and a plain pip-installable package (PyPI-only path)."""
+"""vlarl: ament_python package (colcon) and a plain pip-installable package (PyPI-only path).
+
+``pip install .`` pulls the runtime dependencies pinned in requirements.txt (one list for
+setup.sh, the Dockerfiles and this file). torch==2.13.0 is satisfied by PyTorch's CPU build
+(2.13.0+cpu); install that first from https://download.pytorch.org/whl/cpu, or plain PyPI gives
+the CUDA build on Linux (see requirements.txt).
+"""
 
 from pathlib import Path
 
@@ -17,6 +23,12 @@ def share_files(folder: str, patterns: tuple[str, ...] = ("*",)) -> list[tuple[s
         str(p.relative_to(HERE)) for pat in patterns for p in root.glob(pat) if p.is_file()
     )
     return [(f"share/{PACKAGE}/{folder}", files)] if files else []
+
+
+def requirements(name: str) -> list[str]:
+    """Pinned requirements of a requirements file (comments and ``-r`` includes skipped)."""
+    lines = (line.split("#", 1)[0].strip() for line in (HERE / name).read_text().splitlines())
+    return [line for line in lines if line and not line.startswith("-")]
 
 
 NODES = {
@@ -39,6 +51,8 @@ setup(
     packages=find_packages(where="src"),
     package_data={PACKAGE: ["py.typed"]},
     python_requires=">=3.11",
+    install_requires=requirements("requirements.txt"),
+    extras_require={"dev": requirements("requirements-dev.txt")},
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
