@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
+# VLARL_DEV=0: runtime dependencies only (the Docker images); 1: also tests, lint, type checks.
+VLARL_DEV=${VLARL_DEV:-1}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 if ! dpkg -s libosmesa6 >/dev/null 2>&1; then
@@ -25,7 +27,11 @@ pip install -q --upgrade pip
 if ! pip install -q "torch==2.13.0+cpu" 2>/dev/null; then
   pip install -q --index-url "$TORCH_CPU_INDEX" "torch==2.13.0+cpu"
 fi
-pip install -q -r requirements-dev.txt
+if [ "$VLARL_DEV" = 1 ]; then
+  pip install -q -r requirements-dev.txt
+else
+  pip install -q -r requirements.txt
+fi
 # With its dependencies, so setup.py's install_requires is checked against what is installed.
 pip install -q -e .
 echo "vlarl is installed in .venv: run '.venv/bin/vlarl bringup' (see README.md)"
