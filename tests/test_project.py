@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from vlarl.graph import GRAPH, LEARNING
 from vlarl.topics import markdown_table
 
@@ -42,3 +44,32 @@ def test_colcon_workspace_reaches_the_package() -> None:
     link = ROOT / "ros2_ws" / "src" / "vlarl"
     assert (link / "package.xml").is_file()
     assert (link / "setup.py").is_file()
+
+
+def test_readme_links_stay_inside_the_repository() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for target in re.findall(r"\]\(([^)#]+)\)", readme):
+        if re.match(r"[a-z]+://", target):
+            continue
+        assert (ROOT / target).resolve().is_relative_to(ROOT), target
+        assert (ROOT / target).exists(), target
+    assert (ROOT / "docs" / "DESIGN.md").is_file()
+
+
+def test_readme_python_api_runs_and_uses_only_exported_names(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vlarl
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.+?)```", section, re.S)
+    assert code, "README's Python API section lost its example"
+    used = set(re.findall(r"\bvlarl\.([A-Za-z_]\w*)", code.group(1)))
+    listed = set(re.findall(r"`(\w+)`", section.split("| name |", 1)[1]))
+    exported = set(vlarl.__all__) - {"__version__"}
+    assert used <= exported, used - exported
+    assert exported <= listed, exported - listed
+    assert {name for name in listed if hasattr(vlarl, name)} == exported
+    monkeypatch.chdir(ROOT)
+    exec(compile(code.group(1), "README.md", "exec"), {})
