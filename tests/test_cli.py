@@ -186,3 +186,24 @@ def test_node_start_up_error_names_the_reason_from_its_log(tmp_path: Path) -> No
     message = str(NodeExitError("exited during start-up", [node]))
     assert "source must be one of" in message, message
     assert "see logs" not in message
+
+
+@needs_model
+@pytest.mark.graph
+def test_learner_refuses_a_task_its_base_does_not_know(tmp_path: Path) -> None:
+    from vlarl.bringup import NodeExitError
+    from vlarl.graph import start_node
+
+    node = start_node(
+        "learner",
+        overrides={
+            "base_model": str(MODEL),
+            "task": "reach-v3",
+            "replay_dir": str(tmp_path / "replay"),
+            "checkpoint": str(tmp_path / "learner.safetensors"),
+        },
+        log_dir=tmp_path,
+    )
+    assert node.process.wait(timeout=90) == 2
+    message = str(NodeExitError("exited during start-up", [node]))
+    assert "does not know task 'reach-v3'" in message, message
