@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from vlarl.graph import (
-    ARGUMENT_HELP,
     NODES_BY_NAME,
     GraphArguments,
     NodeSpec,
+    argument_help,
     check_arguments,
     config_path,
     node_names,
@@ -46,7 +46,7 @@ def launch_arguments() -> dict[str, tuple[str, str]]:
     """Every launch argument: name -> (default, description)."""
     defaults = GraphArguments()
     declared = {
-        f.name: (_launch_text(getattr(defaults, f.name)), ARGUMENT_HELP[f.name])
+        f.name: (_launch_text(getattr(defaults, f.name)), argument_help(f.name))
         for f in fields(GraphArguments)
     }
     return {**declared, **LAUNCH_ONLY}

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from vlarl.graph import (
-    ARGUMENT_HELP,
     MODES,
     GraphArgumentError,
     GraphArguments,
     RunningNode,
+    argument_help,
     check_arguments,
     free_domain_id,
     node_names,
@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(GraphArguments):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
-        help_text = ARGUMENT_HELP[f.name] + " (default: %(default)s)"
+        help_text = argument_help(f.name) + " (default: %(default)s)"
         if isinstance(default, bool):
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,

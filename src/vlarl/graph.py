@@ -150,10 +150,10 @@ ARGUMENT_HELP: dict[str, str] = {
     "learn": "also start the bag bridge and the residual RL learner (needs record)",
     "action_offset": "deployment shift of the simulated robot: it executes "
     "clip(command + offset); 4 comma-separated numbers in [-1, 1]",
-    "seed": "simulator seed (-1 = config/sim_robot.yaml's)",
-    "max_episode_steps": "truncation limit (0 = config/sim_robot.yaml's)",
-    "camera_rate": "camera Hz, 0 = off (-1 = config/sim_robot.yaml's)",
-    "split_s": f"recorder split duration in s (0 = config/recorder.yaml's; {LEARN_SPLIT_S:g} s "
+    "seed": "simulator seed (-1 = the config's)",
+    "max_episode_steps": "truncation limit (0 = the config's)",
+    "camera_rate": "camera Hz, 0 = off (-1 = the config's)",
+    "split_s": f"recorder split duration in s (0 = the config's; {LEARN_SPLIT_S:g} s "
     "with learn, so the learner sees data soon)",
     "bag_dir": "folder for recorded bags",
     "replay_dir": "learn: replay folder ('' = <run folder>/replay)",
@@ -162,6 +162,30 @@ ARGUMENT_HELP: dict[str, str] = {
     "use_sim_time": "nodes follow /clock",
 }
 MODES = ("lockstep", "realtime")
+# Arguments whose "unset" value leaves the node's config file in charge: (node, parameter).
+CONFIG_BACKED: dict[str, tuple[str, str]] = {
+    "seed": ("sim_robot", "seed"),
+    "max_episode_steps": ("sim_robot", "max_episode_steps"),
+    "camera_rate": ("sim_robot", "camera_rate_hz"),
+    "split_s": ("recorder", "split_duration_s"),
+}
+
+
+def config_value(node: str, key: str) -> Any:
+    """A parameter's value in ``config/<node>.yaml`` (None when the file does not set it)."""
+    import yaml
+
+    data = yaml.safe_load(config_path(f"{node}.yaml").read_text()) or {}
+    return (data.get(node) or {}).get("ros__parameters", {}).get(key)
+
+
+def argument_help(name: str) -> str:
+    """One line of help for a graph argument; config-backed ones say the config's value."""
+    text = ARGUMENT_HELP[name]
+    if name in CONFIG_BACKED:
+        node, key = CONFIG_BACKED[name]
+        text += f"; config/{node}.yaml has {config_value(node, key)}"
+    return text
 
 
 def parse_action_offset(text: str) -> list[float]:
