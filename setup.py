@@ -12,6 +12,9 @@ from setuptools import find_packages, setup
 
 PACKAGE = "vlarl"
 HERE = Path(__file__).parent
+# colcon --symlink-install runs a symlink to this file from its build folder: the requirement
+# files are found beside the real one.
+SOURCE = Path(__file__).resolve().parent
 
 
 def share_files(folder: str, patterns: tuple[str, ...] = ("*",)) -> list[tuple[str, list[str]]]:
@@ -27,7 +30,8 @@ def share_files(folder: str, patterns: tuple[str, ...] = ("*",)) -> list[tuple[s
 
 def requirements(name: str) -> list[str]:
     """Pinned requirements of a requirements file (comments and ``-r`` includes skipped)."""
-    lines = (line.split("#", 1)[0].strip() for line in (HERE / name).read_text().splitlines())
+    text = (SOURCE / name).read_text()
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
     return [line for line in lines if line and not line.startswith("-")]
 
 
