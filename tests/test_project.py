@@ -5,6 +5,8 @@ The launch file is compared with ``vlarl bringup`` in test_launch_parity.py."""
 from __future__ import annotations
 
 import re
+import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -73,3 +75,23 @@ def test_readme_python_api_runs_and_uses_only_exported_names(
     assert {name for name in listed if hasattr(vlarl, name)} == exported
     monkeypatch.chdir(ROOT)
     exec(compile(code.group(1), "README.md", "exec"), {})
+
+
+def test_package_root_finds_a_pip_installed_share_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wheel from `pip install .` puts config/ under <prefix>/share/vlarl (setup.py's
+    data_files), with no ament index to ask."""
+    from vlarl import graph
+
+    share = tmp_path / "prefix" / "share" / "vlarl"
+    (share / "config").mkdir(parents=True)
+    site_packages = tmp_path / "prefix" / "lib" / "python3" / "site-packages" / "vlarl"
+    monkeypatch.setattr(graph, "__file__", str(site_packages / "graph.py"))
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
+    assert graph.package_root() == share
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
+    if not (Path(sysconfig.get_path("data")) / "share" / "vlarl" / "config").is_dir():
+        with pytest.raises(FileNotFoundError, match="pip install"):
+            graph.package_root()

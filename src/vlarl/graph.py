@@ -59,18 +59,30 @@ NODES_BY_NAME = {spec.name: spec for spec in (*GRAPH, *LEARNING)}
 
 
 def package_root() -> Path:
-    """The folder holding config/, models/, launch/: the source tree or the ament share dir."""
+    """The folder holding config/, models/, launch/: the source tree, the ament share folder
+    (colcon), or the share folder a ``pip install .`` wheel put beside its environment."""
     source_root = Path(__file__).resolve().parents[2]
     if (source_root / "config").is_dir() and (source_root / "package.xml").is_file():
         return source_root
-    try:
-        from ament_index_python.packages import get_package_share_directory
+    if os.environ.get("AMENT_PREFIX_PATH"):
+        try:
+            from ament_index_python.packages import get_package_share_directory
 
-        return Path(get_package_share_directory(PACKAGE))
-    except Exception as exc:
-        raise FileNotFoundError(
-            "cannot find vlarl's config/: neither a source checkout nor an installed ament package"
-        ) from exc
+            return Path(get_package_share_directory(PACKAGE))
+        except Exception:
+            pass  # not in this ament index; a pip install may still hold it
+    import site
+    import sysconfig
+
+    # setup.py's data_files land in the install scheme's data folder: sys.prefix for a venv
+    # or system install, the user base for ``pip install --user``.
+    for base in (sysconfig.get_path("data"), sys.prefix, site.getuserbase()):
+        candidate = Path(base) / "share" / PACKAGE
+        if (candidate / "config").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        "cannot find vlarl's config/: not a source checkout, an ament package or a pip install"
+    )
 
 
 def config_path(name: str) -> Path:
