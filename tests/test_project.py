@@ -5,6 +5,7 @@ The launch file is compared with ``vlarl bringup`` in test_launch_parity.py."""
 from __future__ import annotations
 
 import re
+import site
 import sys
 import sysconfig
 from pathlib import Path
@@ -89,9 +90,10 @@ def test_package_root_finds_a_pip_installed_share_folder(
     site_packages = tmp_path / "prefix" / "lib" / "python3" / "site-packages" / "vlarl"
     monkeypatch.setattr(graph, "__file__", str(site_packages / "graph.py"))
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "prefix"))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *args, **kwargs: sys.prefix)
+    monkeypatch.setattr(site, "getuserbase", lambda: str(tmp_path / "user"))
     monkeypatch.delenv("AMENT_PREFIX_PATH", raising=False)
     assert graph.package_root() == share
     monkeypatch.setattr(sys, "prefix", str(tmp_path / "elsewhere"))
-    if not (Path(sysconfig.get_path("data")) / "share" / "vlarl" / "config").is_dir():
-        with pytest.raises(FileNotFoundError, match="pip install"):
-            graph.package_root()
+    with pytest.raises(FileNotFoundError, match="pip install"):
+        graph.package_root()
