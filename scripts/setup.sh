@@ -4,6 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
+# VLARL_DEV=0: runtime dependencies only (the Docker images); 1: also tests, lint, type checks.
+VLARL_DEV=${VLARL_DEV:-1}
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 if ! dpkg -s libosmesa6 >/dev/null 2>&1; then
   SUDO=""
@@ -15,9 +18,20 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --upgrade pip
-# torch first and alone, so nothing resolves an unpinned torch to the CUDA build.
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -r requirements.txt
-.venv/bin/python -m pip install -q --no-deps -e .
+pip() { .venv/bin/python -m pip "$@"; }
+pip install -q --upgrade pip
+# torch first and alone, as the CPU build (2.13.0+cpu): plain PyPI's torch==2.13.0 on Linux is
+# the CUDA build (several GB). The configured indexes are tried first (fast where a wheel
+# mirror holds the CPU build), then PyTorch's CPU index. requirements.txt's torch==2.13.0 is
+# then already satisfied, so nothing below resolves torch again.
+if ! pip install -q "torch==2.13.0+cpu" 2>/dev/null; then
+  pip install -q --index-url "$TORCH_CPU_INDEX" "torch==2.13.0+cpu"
+fi
+if [ "$VLARL_DEV" = 1 ]; then
+  pip install -q -r requirements-dev.txt
+else
+  pip install -q -r requirements.txt
+fi
+# With its dependencies, so setup.py's install_requires is checked against what is installed.
+pip install -q -e .
 echo "vlarl is installed in .venv: run '.venv/bin/vlarl bringup' (see README.md)"

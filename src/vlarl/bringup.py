@@ -3,7 +3,9 @@
 Starts every node of :data:`vlarl.graph.GRAPH` as its own process with the same parameter files
 the ROS 2 launch file uses, resets the simulator once the graph is connected, runs N episodes,
 records them to a rosbag2, and prints per-episode success, the control rate achieved and where
-the bag is. The figures also go to ``bench/results/bringup.json``.
+the bag is. The figures also go to ``<run folder>/bringup.json``. Bad arguments (an unknown
+task, a model that is missing, corrupt or does not know the task, an output that cannot be
+written) are refused before any node starts.
 """
 
 from __future__ import annotations
@@ -14,25 +16,39 @@ import json
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypedDict
 
-from vlarl.core.residual import EXPLORATION_NOISE_STD
 from vlarl.graph import (
-    GRAPH,
-    LEARNING,
+    MODES,
+    GraphArgumentError,
+    GraphArguments,
     RunningNode,
+    argument_help,
+    check_arguments,
     free_domain_id,
-    package_root,
+    node_names,
+    node_overrides,
     start_node,
     stop_all,
 )
 from vlarl.rosenv import ensure_local_discovery
 
-DEFAULT_TASK = "pick-place-v3"
-DEFAULT_MODEL = "models/pick-place-v3-student.onnx"
+
+class BringupError(RuntimeError):
+    """The graph failed while running (not a bad argument): one line, exit code 1."""
+
+    exit_code = 1
+
+
+class NodeExitError(BringupError):
+    """Node processes ended while the graph ran; the message carries each one's reason."""
+
+    def __init__(self, what: str, nodes: list[RunningNode]) -> None:
+        reasons = "; ".join(f"{n.spec.name}: {_exit_reason(n)}" for n in nodes)
+        super().__init__(f"node(s) {what}: {reasons}")
 
 
 @dataclass
@@ -85,117 +101,129 @@ def machine_info() -> dict[str, Any]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The graph's arguments (:class:`vlarl.graph.GraphArguments`, shared with the launch
+    file) plus what only this command has: episodes, domain, time limit, run folder."""
+    defaults = GraphArguments()
+    for f in fields(GraphArguments):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        help_text = argument_help(f.name) + " (default: %(default)s)"
+        if isinstance(default, bool):
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                help=help_text,
+            )  # fmt: skip
+        elif f.name == "mode":
+            parser.add_argument(flag, dest=f.name, choices=MODES, default=default, help=help_text)
+        else:
+            parser.add_argument(
+                flag, dest=f.name, type=type(default), default=default, help=help_text
+            )
     parser.add_argument(
-        "--task", default=DEFAULT_TASK, help="Meta-World task (default %(default)s)"
-    )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="ONNX policy (model contract)")
-    parser.add_argument("--episodes", type=int, default=20, help="episodes to run")
-    parser.add_argument("--seed", type=int, default=0, help="simulator seed")
-    parser.add_argument(
-        "--mode", choices=("lockstep", "realtime"), default="lockstep", help="simulator pacing"
-    )
-    parser.add_argument("--max-episode-steps", type=int, default=500, help="truncation limit")
-    parser.add_argument("--camera-rate", type=float, default=None, help="camera Hz (0 = off)")
-    parser.add_argument(
-        "--no-record", dest="record", action="store_false", help="do not record a bag"
-    )
-    parser.add_argument("--bag-dir", default="bags", help="folder for recorded bags")
-    parser.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID (default: env)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="give up after seconds")
-    parser.add_argument(
-        "--results", default="bench/results/bringup.json", help="where to write the JSON figures"
-    )
-    parser.add_argument("--log-dir", default=None, help="node logs (default: runs/bringup-<time>)")
-    parser.add_argument(
-        "--learn",
-        action="store_true",
-        help="also run the self-improvement loop: bridge (bags -> replay) and learner "
-        "(replay -> residual SAC/RLPD -> policy_weights), each its own process",
+        "--episodes", type=int, default=20, help="episodes to run (default: %(default)s)"
     )
     parser.add_argument(
-        "--action-offset",
-        default="0,0,0,0",
-        help="deployment shift of the simulated robot: it executes clip(command + offset)",
-    )
-    parser.add_argument(
-        "--replay-dir",
+        "--domain-id",
+        type=int,
         default=None,
-        help="--learn: replay folder (default: runs/bringup-<time>/replay)",
+        help="ROS_DOMAIN_ID, 0-232 (default: $ROS_DOMAIN_ID, else a free one)",
     )
     parser.add_argument(
-        "--learner-checkpoint",
-        default=None,
-        help="--learn: learner checkpoint "
-        "(resumed if it exists; default: runs/bringup-<time>/learner.safetensors)",
+        "--timeout", type=float, default=900.0, help="give up after seconds (default: %(default)s)"
     )
     parser.add_argument(
-        "--split-s",
-        type=float,
+        "--run-dir",
+        "--log-dir",
+        dest="run_dir",
         default=None,
-        help="recorder split duration "
-        "(default: the config's; 10 s with --learn, so the learner sees data soon)",
+        help="run folder: node logs, results, learner replay and checkpoint "
+        "(default: runs/bringup-<UTC time>)",
     )
+    parser.add_argument(
+        "--results",
+        default=None,
+        help="where to write the JSON figures (default: <run folder>/bringup.json)",
+    )
+
+
+def _writable_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and check a file can be written there, before any work."""
+    if path.exists() and not path.is_dir():
+        raise GraphArgumentError(f"{what} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GraphArgumentError(f"{what} {path}: cannot create it ({exc.strerror})") from None
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        raise GraphArgumentError(f"{what} {path}: not a writable folder")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    if args.episodes < 1:
+        raise GraphArgumentError(f"--episodes must be >= 1, got {args.episodes}")
+    if not args.timeout > 0:
+        raise GraphArgumentError(f"--timeout must be > 0 s, got {args.timeout}")
+    if args.domain_id is not None and not 0 <= args.domain_id <= 232:
+        raise GraphArgumentError(f"--domain-id must be in 0-232, got {args.domain_id}")
+
+
+def _check_outputs(args: argparse.Namespace, run_dir: Path, results_path: Path) -> None:
+    if results_path.is_dir():
+        raise GraphArgumentError(f"--results {results_path} is a folder; give a file name")
+    _writable_dir(run_dir, "run folder")
+    _writable_dir(results_path.parent, "--results folder")
+    if args.record:
+        _writable_dir(Path(args.bag_dir), "--bag-dir")
+
+
+def _domain_id(requested: int | None) -> int:
+    if requested is not None:
+        return requested
+    env_domain = os.environ.get("ROS_DOMAIN_ID", "").strip()
+    if not env_domain:
+        return free_domain_id()
+    if not env_domain.isdigit() or int(env_domain) > 232:
+        raise GraphArgumentError(f"ROS_DOMAIN_ID={env_domain!r} is not a domain id (0-232)")
+    return int(env_domain)
+
+
+def _exit_reason(node: RunningNode) -> str:
+    """Why a node process ended, from its log: the line it printed last (its error)."""
+    if node.log_path is None or not node.log_path.is_file():
+        return f"exit code {node.process.returncode}"
+    try:
+        lines = node.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"exit code {node.process.returncode}"
+    meaningful = [line.strip() for line in lines if line.strip()]
+    prefix = f"{node.spec.name}: "
+    own = [line.removeprefix(prefix) for line in meaningful if line.startswith(prefix)]
+    reason = (own or meaningful or [f"exit code {node.process.returncode}"])[-1]
+    return f"{reason} (log: {node.log_path})"
+
+
+def graph_arguments(args: argparse.Namespace) -> GraphArguments:
+    """The graph's share of the parsed options (what the launch file's arguments also set)."""
+    return GraphArguments(**{f.name: getattr(args, f.name) for f in fields(GraphArguments)})
 
 
 def run(args: argparse.Namespace) -> int:
     ensure_local_discovery()
-    if args.episodes < 1:
-        raise SystemExit("--episodes must be >= 1")
-    domain_id = args.domain_id
-    if domain_id is None:
-        env_domain = os.environ.get("ROS_DOMAIN_ID")
-        domain_id = int(env_domain) if env_domain else free_domain_id()
-    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
+    graph_args = graph_arguments(args)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
-    log_dir = Path(args.log_dir) if args.log_dir else Path("runs") / f"bringup-{stamp}"
+    log_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"bringup-{stamp}"
+    results_path = Path(args.results) if args.results else log_dir / "bringup.json"
+    # Everything that can be refused is refused here, before a node starts.
+    _check_numbers(args)
+    check_arguments(graph_args)
+    _check_outputs(args, log_dir, results_path)
+    domain_id = _domain_id(args.domain_id)
+    os.environ["ROS_DOMAIN_ID"] = str(domain_id)
     bag_dir = Path(args.bag_dir).resolve()
     bag_name = f"vlarl-{args.task}-{stamp}"
-    model = args.model
-    if not Path(model).exists() and (package_root() / model).exists():
-        model = str(package_root() / model)
-
-    try:
-        offset = [float(v) for v in args.action_offset.split(",")]
-    except ValueError:
-        raise SystemExit(
-            f"--action-offset: 4 comma-separated numbers, got {args.action_offset!r}"
-        ) from None
-    if len(offset) != 4:
-        raise SystemExit(f"--action-offset: 4 numbers, got {args.action_offset!r}")
-    overrides: dict[str, dict[str, Any]] = {
-        "sim_robot": {
-            "task": args.task,
-            "seed": args.seed,
-            "mode": args.mode,
-            "max_episode_steps": args.max_episode_steps,
-            "action_offset": offset,
-        },
-        "policy": {"model": model, "task": args.task},
-        "recorder": {"output_dir": str(bag_dir), "bag_name": bag_name},
-    }
-    if args.split_s is not None or args.learn:
-        overrides["recorder"]["split_duration_s"] = float(args.split_s or 10.0)
-    if args.learn:
-        if not args.record:
-            raise SystemExit("--learn needs the recording (the bags are the learner's data)")
-        replay = Path(args.replay_dir) if args.replay_dir else log_dir / "replay"
-        checkpoint = (
-            Path(args.learner_checkpoint)
-            if args.learner_checkpoint
-            else log_dir / "learner.safetensors"
-        )
-        overrides["policy"]["residual_noise_std"] = EXPLORATION_NOISE_STD
-        overrides["bridge"] = {"bag_dir": str(bag_dir / bag_name), "replay_dir": str(replay)}
-        overrides["learner"] = {
-            "base_model": model,
-            "replay_dir": str(replay),
-            "checkpoint": str(checkpoint),
-        }
-    if args.camera_rate is not None:
-        overrides["sim_robot"]["camera_rate_hz"] = float(args.camera_rate)
-    names = [spec.name for spec in GRAPH if args.record or spec.name != "recorder"]
-    if args.learn:
-        names += [spec.name for spec in LEARNING]
+    overrides = node_overrides(graph_args, run_dir=log_dir, bag_name=bag_name)
+    model = str(overrides["policy"]["model"])
+    names = node_names(graph_args)
 
     print(f"vlarl bringup: task {args.task}, model {model}, {args.episodes} episodes")
     print(f"  ROS_DOMAIN_ID={domain_id} (export it to watch with ros2 / rviz); logs in {log_dir}")
@@ -232,7 +260,6 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:  # report, keep the episode results
             print(f"bag: {bag_path} could not be read back: {exc}")
 
-    results_path = Path(args.results)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     payload = asdict(result)
     results_path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -336,13 +363,13 @@ def _supervise(
         t0 = time.monotonic()
         while time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.1)
-            dead = [n.spec.name for n in nodes if not n.alive()]
+            dead = [n for n in nodes if not n.alive()]
             if dead:
-                raise RuntimeError(f"node(s) exited during start-up: {', '.join(dead)} (see logs)")
+                raise NodeExitError("exited during start-up", dead)
             if expected <= set(node.get_node_names()) and reset.service_is_ready():
                 break
         else:
-            raise RuntimeError("graph did not come up in time")
+            raise BringupError(f"graph did not come up within --timeout {args.timeout:g} s")
         # Let discovery of every publisher/subscriber pair settle before the first real episode.
         settle_until = time.monotonic() + 1.0
         while time.monotonic() < settle_until:
@@ -352,14 +379,14 @@ def _supervise(
         executor.spin_until_future_complete(future, timeout_sec=10.0)
         response = future.result() if future.done() else None
         if response is None or not response.success:
-            raise RuntimeError("simulator reset failed")
+            raise BringupError("simulator reset failed (sim_robot/reset did not answer success)")
         state["first_episode"] = state["max_episode_seen"] + 1
         state["episode_start"] = time.monotonic()
         while len(episodes) < args.episodes and time.monotonic() < deadline:
             executor.spin_once(timeout_sec=0.1)
-            dead = [n.spec.name for n in nodes if not n.alive()]
+            dead = [n for n in nodes if not n.alive()]
             if dead:
-                raise RuntimeError(f"node(s) died: {', '.join(dead)} (see logs)")
+                raise NodeExitError("died", dead)
         elapsed = time.monotonic() - (state["count_start"] or time.monotonic())
         result.episodes = episodes
         result.steps = int(state["status_count"])

@@ -1,7 +1,9 @@
 """The ``vlarl`` command line: one verb per stage.
 
 Each verb lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their verb runs, so ``vlarl --help`` stays fast.
+modules are imported only when their verb runs, so ``vlarl --help`` stays fast. A user error
+(bad argument, a file that is missing or refused, an output that cannot be written) is one line
+``vlarl <verb>: error: <reason>`` on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 from collections.abc import Sequence
 
 from vlarl.rosenv import ensure_local_discovery
@@ -56,8 +59,51 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (reason and where to look), exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "the input was wrong", not "vlarl has a bug"."""
+    from vlarl.bag.errors import BagError
+    from vlarl.contract import ContractError
+    from vlarl.core.weights import WeightError
+    from vlarl.data.errors import ReplayError
+    from vlarl.graph import GraphArgumentError
+    from vlarl.learning.errors import LearningError
+    from vlarl.rewardmodels.errors import RewardModelError
+    from vlarl.sim.errors import UnknownTaskError
+
+    return (
+        BagError,
+        ContractError,
+        GraphArgumentError,
+        LearningError,
+        OSError,  # a path that does not exist, is not writable, is a folder, ...
+        ReplayError,
+        RewardModelError,
+        UnknownTaskError,
+        WeightError,
+    )
+
+
+def one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = "; ".join(lines) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlarl", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="vlarl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, (_, help_text) in VERBS.items():
         sub.add_parser(verb, help=help_text, add_help=False)
@@ -74,9 +120,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     verb, rest = args[0], args[1:]
     module_name, help_text = VERBS[verb]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"vlarl {verb}", description=help_text)
+    parser = OneLineParser(prog=f"vlarl {verb}", description=help_text)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(rest)))
+    parsed = parser.parse_args(rest)
+    try:
+        return int(module.run(parsed))
+    except KeyboardInterrupt:
+        print(f"vlarl {verb}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        # A failure the verb names itself (exit_code), or a user error: one line, no traceback.
+        code = getattr(exc, "exit_code", None)
+        if code is None and not isinstance(exc, user_error_types()):
+            raise
+        print(f"vlarl {verb}: error: {one_line(exc)}", file=sys.stderr)
+        return int(code) if code is not None else EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def test_loop_closes_and_dead_policy_makes_safety_hold(start, rclpy_context) -> 
 
 @needs_model
 def test_main_command_end_to_end(tmp_path: Path, domain_id: int) -> None:
-    results = tmp_path / "bringup.json"
+    results = tmp_path / "logs" / "bringup.json"  # the run folder's, by default
     cmd = [
         sys.executable,
         "-m",
@@ -112,9 +112,7 @@ def test_main_command_end_to_end(tmp_path: Path, domain_id: int) -> None:
         str(domain_id),
         "--bag-dir",
         str(tmp_path / "bags"),
-        "--results",
-        str(results),
-        "--log-dir",
+        "--run-dir",
         str(tmp_path / "logs"),
         "--camera-rate",
         "2",

@@ -8,6 +8,7 @@ folder must hold its config and metrics next to its checkpoint.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,17 @@ import pytest
 from vlarl.cli import main
 from vlarl.contract import ModelMetadata
 from vlarl.data import load_replay
-from vlarl.learning.errors import CheckpointError, LearningError
 
 TASKS = "reach-v3,pick-place-v3"
 NET = ["--hidden", "32", "--depth", "2", "--threads", "1", "--log-every", "10"]
+
+
+def refused(argv: list[str], reason: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """The verb answers with one line naming ``reason`` and exit code 2 (no traceback)."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(reason, err), err
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +169,9 @@ def test_export_meets_the_contract(pipeline: dict[str, Path]) -> None:
         assert chunk.shape == (4, 4) and np.abs(chunk).max() <= 1.0
 
 
-def test_export_with_start_noise_samples_repeatably(pipeline: dict[str, Path]) -> None:
+def test_export_with_start_noise_samples_repeatably(
+    pipeline: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """--start-noise: x_0 is drawn inside the graph; a new session repeats the same draws."""
     from vlarl.core.onnx_policy import OnnxPolicy
 
@@ -181,21 +191,24 @@ def test_export_with_start_noise_samples_repeatably(pipeline: dict[str, Path]) -
         assert not np.array_equal(runs[0][0], runs[0][1])  # each call draws a new start
         for a, b in zip(*runs, strict=True):
             np.testing.assert_array_equal(a, b)  # and a new session the same sequence
-    with pytest.raises(LearningError, match="start-noise"):
-        main([*args[:-1], str(pipeline["root"] / "neg.onnx"), "--start-noise", "-1"])
+    refused(
+        [*args[:-1], str(pipeline["root"] / "neg.onnx"), "--start-noise", "-1"],
+        "start-noise",
+        capsys,
+    )
 
 
-def test_export_refuses_to_overwrite(pipeline: dict[str, Path]) -> None:
-    with pytest.raises(LearningError, match="exists"):
-        main(
-            [
-                "export",
-                "--checkpoint",
-                str(pipeline["student"]),
-                "--out",
-                str(pipeline["student_onnx"]),
-            ]
-        )
+def test_export_refuses_to_overwrite(
+    pipeline: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = [
+        "export",
+        "--checkpoint",
+        str(pipeline["student"]),
+        "--out",
+        str(pipeline["student_onnx"]),
+    ]
+    refused(args, "exists", capsys)
 
 
 def test_evaluate_checkpoint_and_onnx(pipeline: dict[str, Path]) -> None:
@@ -280,31 +293,38 @@ def test_same_seeds_same_results(pipeline: dict[str, Path]) -> None:
     )
 
 
-def test_tampered_checkpoint_is_refused_by_every_verb(pipeline: dict[str, Path]) -> None:
+def test_tampered_checkpoint_is_refused_by_every_verb(
+    pipeline: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = pipeline["root"] / "bad.safetensors"
     raw = bytearray(pipeline["teacher"].read_bytes())
     raw[-3] ^= 0x10
     bad.write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError, match="sha256 mismatch"):
-        main(["evaluate", "--policy", str(bad), "--episodes", "1"])
-    with pytest.raises(CheckpointError, match="sha256 mismatch"):
-        main(["export", "--checkpoint", str(bad), "--out", str(pipeline["root"] / "x.onnx")])
-    with pytest.raises(CheckpointError, match="sha256 mismatch"):
-        main(
-            [
-                "distill",
-                "--teacher",
-                str(bad),
-                "--data",
-                str(pipeline["demos"]),
-                "--out",
-                str(pipeline["root"] / "s2"),
-                "--train-steps",
-                "1",
-            ]
-        )
+    refused(["evaluate", "--policy", str(bad), "--episodes", "1"], "sha256 mismatch", capsys)
+    out = str(pipeline["root"] / "x.onnx")
+    refused(["export", "--checkpoint", str(bad), "--out", out], "sha256 mismatch", capsys)
+    refused(
+        [
+            "distill",
+            "--teacher",
+            str(bad),
+            "--data",
+            str(pipeline["demos"]),
+            "--out",
+            str(pipeline["root"] / "s2"),
+            "--train-steps",
+            "1",
+        ],
+        "sha256 mismatch",
+        capsys,
+    )
 
 
-def test_collect_refuses_an_existing_replay(pipeline: dict[str, Path]) -> None:
-    with pytest.raises(LearningError, match=r"exists|already holds"):
-        main(["collect", "--out", str(pipeline["demos"]), "--episodes", "1"])
+def test_collect_refuses_an_existing_replay(
+    pipeline: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    refused(
+        ["collect", "--out", str(pipeline["demos"]), "--episodes", "1"],
+        r"holds a finished collection|already holds",
+        capsys,
+    )

@@ -125,6 +125,9 @@ def collect(cfg: CollectConfig) -> dict[str, object]:
     sigmas = parse_sigmas(cfg.sigmas)
     if cfg.episodes < 1:
         raise LearningError("--episodes must be >= 1")
+    if (Path(cfg.out) / "metrics.json").exists():
+        # collect never replaces a replay (its shards may already be training data).
+        raise LearningError(f"{cfg.out} holds a finished collection; choose another --out")
     with run_folder(cfg.out, overwrite=False, marker="metrics.json") as out:
         return _collect(cfg, out, tasks, sigmas)
 

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vlarl.core.chunking import ChunkScheduler
+from vlarl.graph import GraphArgumentError, parse_action_offset
 from vlarl.learning import envs
 from vlarl.learning.errors import LearningError
 from vlarl.learning.policies import ActingPolicy, load_acting_policy
@@ -42,13 +43,13 @@ class EvaluateConfig:
     steps: int = arg(0, "integration steps for a teacher checkpoint (0 = the model's own)")
     noise_scale: float = arg(0.0, "std of the start noise x_0 for checkpoints (0 = deterministic)")
     max_steps: int = arg(envs.MAX_EPISODE_STEPS, "steps after which an episode counts as failed")
-    parallel: int = arg(10, "episodes stepped in lockstep (batched inference)")
-    threads: int = arg(1, "inference threads (PyTorch or ONNX Runtime intra-op)")
     action_offset: str = arg(
         "0,0,0,0",
-        "deployment shift: commands execute as clip(command + offset), as on a shifted "
-        "MetaWorldRobot (4 numbers)",
+        "deployment shift of the simulated robot: it executes clip(action + offset) "
+        "(dx,dy,dz,gripper, as vlarl bringup --action-offset)",
     )
+    parallel: int = arg(10, "episodes stepped in lockstep (batched inference)")
+    threads: int = arg(1, "inference threads (PyTorch or ONNX Runtime intra-op)")
     out: str = arg("", "results JSON (default: eval-<model>-<tasks>.json beside the policy)")
 
 
@@ -93,8 +94,7 @@ def evaluate_task(
 ) -> TaskResult:
     """Run ``episodes`` episodes of ``task``; ``parallel`` at a time in lockstep.
 
-    With ``action_offset`` every command executes as clip(command + offset) (a shifted arm).
-    """
+    With ``action_offset`` the arm is miscalibrated: it executes ``clip(action + offset)``."""
     if task not in policy.tasks:
         raise LearningError(
             f"{policy.name} was not trained on {task!r} (its tasks: {', '.join(policy.tasks)})"
@@ -178,9 +178,10 @@ def evaluate(cfg: EvaluateConfig, *, quiet: bool = False) -> dict[str, Any]:
     """Evaluate ``cfg.policy``; returns (and writes) the results document."""
     if cfg.episodes < 1:
         raise LearningError("--episodes must be >= 1")
-    from vlarl.learning.train_residual import parse_offset
-
-    offset = parse_offset(cfg.action_offset)
+    try:
+        offset = np.asarray(parse_action_offset(cfg.action_offset), np.float64)
+    except GraphArgumentError as exc:
+        raise LearningError(f"--action-offset: {exc}") from None
     policy = load_acting_policy(
         cfg.policy, steps=cfg.steps, noise_scale=cfg.noise_scale, threads=cfg.threads, seed=cfg.seed
     )
@@ -212,6 +213,7 @@ def evaluate(cfg: EvaluateConfig, *, quiet: bool = False) -> dict[str, Any]:
         "replan_every": cfg.replan_every or policy.chunk_length,
         "chunk_length": policy.chunk_length,
         "success_source": "simulator flag (info['success'])",
+        "action_offset": offset.tolist(),
         "overall": {
             "episodes": total_n,
             "successes": total_k,

@@ -20,6 +20,7 @@ from vlarl.core.onnx_policy import OnnxPolicy
 from vlarl.core.residual import ResidualActor
 from vlarl.core.safety import SafetyConfig, SafetyFilter
 from vlarl.data.replay import Transitions
+from vlarl.graph import GraphArgumentError, parse_action_offset
 from vlarl.learning.errors import LearningError
 from vlarl.sim.robot import MetaWorldRobot
 
@@ -29,14 +30,9 @@ EVAL_SEED = 7_000_000  # layouts of evaluation episodes: far from training seeds
 def parse_offset(text: str) -> np.ndarray:
     """``--action-offset`` text: 4 comma-separated numbers in [-1, 1]."""
     try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise LearningError(
-            f"action_offset must be 4 comma-separated numbers, got {text!r}"
-        ) from None
-    if len(values) != 4 or not np.isfinite(values).all() or max(map(abs, values)) > 1.0:
-        raise LearningError(f"action_offset must be 4 finite numbers in [-1, 1], got {text!r}")
-    return np.asarray(values, np.float64)
+        return np.asarray(parse_action_offset(text), np.float64)
+    except GraphArgumentError as exc:
+        raise LearningError(f"action_offset: {exc}") from None
 
 
 class Controller:

@@ -57,6 +57,12 @@ PARAMS: tuple[Param, ...] = (
         "the frozen base policy the residual corrects (its tag goes into every blob)",
         read_only=True,
     ),
+    Param(
+        "task",
+        "",
+        "task the residual is learned on; the base must know it ('' = not checked)",
+        read_only=True,
+    ),
     Param("replay_dir", "replay/live", "replay folder the bag bridge writes", read_only=True),
     Param(
         "checkpoint",
@@ -123,6 +129,12 @@ class LearnerNode(Node):
             base = OnnxPolicy.load(path, providers="cpu").metadata
         except ContractError as exc:
             raise ValueError(f"base_model {path}: {exc}") from None
+        task = str(self._p["task"])
+        if task and task not in base.tasks:
+            raise ValueError(
+                f"base_model {path.name} does not know task {task!r} "
+                f"(its tasks: {', '.join(base.tasks)})"
+            )
         try:
             config = learner_config(self._p)
             self.learner = ResidualLearner(
