@@ -44,6 +44,15 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "train-progress": (["--data", missing, "--out", str(tmp / "p.onnx")], "not a replay"),
         "train-residual": (["--task", "nope-v3", "--out", str(tmp / "res")], "unknown"),
         "eval-reward": (["--data", missing, "--detector", missing + ".onnx"], "not a replay"),
+        "export-dataset": (["--replay", missing, "--out", str(tmp / "ds")], "not a replay"),
+        "distill-back": (
+            [
+                *("--rl-data", missing, "--out", str(tmp / "db")),
+                *("--parent", "a", "--collected-by", "b"),
+            ],
+            "model_id@version",
+        ),
+        "improve": (["--task", "nope-v3", "--out", str(tmp / "imp")], "unknown Meta-World task"),
     }
 
 

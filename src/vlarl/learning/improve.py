@@ -64,7 +64,7 @@ from vlarl.learning.runs import (
     write_json,
 )
 from vlarl.learning.train_residual import GATES, ResidualStage
-from vlarl.sim.robot import MetaWorldRobot
+from vlarl.sim.robot import MetaWorldRobot, check_task
 
 
 @dataclass
@@ -273,6 +273,20 @@ def improve(config: ImproveConfig) -> dict[str, Any]:
     set_threads(config.threads)
     torch.manual_seed(config.learner.seed)
     steps_per_round = config.residual_steps_per_round()
+    # Every input is checked before the long work (the demonstrations may take minutes).
+    reason = check_task(config.task)
+    if reason is not None:
+        raise LearningError(reason)
+    parse_offset(config.action_offset)
+    base = OnnxPolicy.load(resolve_model_path(config.base_model))
+    if config.task not in base.metadata.tasks:
+        raise LearningError(
+            f"{base.tag} does not know task {config.task!r} (its tasks: "
+            f"{', '.join(base.metadata.tasks)}); pass --base-model for it"
+        )
+    for name in ("teacher", "student"):
+        if not resolve_model_path(getattr(config, name)).is_file():
+            raise LearningError(f"--{name} {getattr(config, name)}: no such checkpoint")
     demos = ensure_demonstrations(Path(config.demos))
     with run_folder(config.out, overwrite=config.overwrite, marker="metrics.json") as run_dir:
         write_config(run_dir, "improve", config)
