@@ -7,14 +7,17 @@ by itself, and does it keep its success on the nominal arm?
    ``ReplayWriter``, as the residual's collection would record them (``base_action`` = the
    expert's uncorrected action, ``residual`` = the correction). Layouts: robot seed 7, disjoint
    from the evaluation's.
-2. One round of ``vlarl.learning.distill_back.distill_back`` with its default config (the tuned
-   recipe) from the shipped teacher and student checkpoints, on the default demonstrations
-   (regenerated when missing) plus that RL data. Wall time and CPU time are measured.
+2. One round of ``vlarl.learning.distill_back.distill_back`` per mixture ratio
+   (``--rl-fractions``, default 0.5 = the config's default, and 0.25), otherwise the default
+   config (the tuned recipe), from the shipped teacher and student checkpoints, on the default
+   demonstrations (regenerated when missing) plus that RL data. Wall and CPU time are measured.
+   Top-level figures are the default ratio's; ``by_rl_fraction`` has every ratio's.
 3. ``vlarl.learning.evaluate`` (50 fixed layouts, seeds 1,000,000+, replan every 4) of the
-   original base and the new base, on the shifted and on the nominal arm.
+   original base and every new base, on the shifted and on the nominal arm. Finished rounds
+   and evaluations in ``--work`` are reused.
 
 Writes ``bench/results/distill_back.json`` and ``bench/results/distill_back.png``.
-Run: ``nice -n 5 python bench/distill_back.py`` (about 10 minutes on a free core).
+Run: ``nice -n 5 python bench/distill_back.py`` (about 15 minutes on a free core).
 """
 
 from __future__ import annotations
@@ -125,6 +128,27 @@ def evaluate_model(policy: Path, *, offset: str, episodes: int, out: Path) -> di
     }
 
 
+def run_round(cfg: Any, demos: Path, work: Path) -> dict[str, Any]:
+    """One distill-back round (reused when its run folder is finished); its metrics summary."""
+    from vlarl.learning.distill_back import distill_back
+
+    out = work / f"round1-f{cfg.rl_fraction:g}"
+    summary = out / "metrics.json"
+    if not (summary.is_file() and (out / "pick-place-v3-student-v2.onnx").is_file()):
+        result = distill_back(
+            cfg,
+            demos=[demos],
+            rl_data=[work / "rl"],
+            out=out,
+            parent="pick-place-v3-student@1",
+            collected_by=COLLECTED_BY,
+            version=2,
+            model_id="pick-place-v3-student",
+        )
+        print(f"distill-back {result.tag}: {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU")
+    return json.loads(summary.read_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--action-offset", default="0,0.2,0,0")
@@ -132,16 +156,14 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=50)
     parser.add_argument("--work", default=str(ROOT / "runs" / "bench-distill-back"))
     parser.add_argument("--demos", default=str(ROOT / "data" / "default" / "pick-place-mixed"))
-    parser.add_argument("--rl-fraction", type=float, default=None, help="override the default")
+    parser.add_argument(
+        "--rl-fractions", default="0.5,0.25", help="mixture ratios to run (one round each)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("MUJOCO_GL", "osmesa")
     os.chdir(ROOT)
 
-    from vlarl.learning.distill_back import (
-        DistillBackConfig,
-        distill_back,
-        ensure_demonstrations,
-    )
+    from vlarl.learning.distill_back import DistillBackConfig, ensure_demonstrations
     from vlarl.learning.train_residual import parse_offset
 
     work = Path(args.work)
@@ -154,64 +176,78 @@ def main() -> None:
     )
     print(f"RL data: {rl}")
     demos = ensure_demonstrations(Path(args.demos))
-    cfg = DistillBackConfig(overwrite=True)
-    if args.rl_fraction is not None:
-        cfg.rl_fraction = args.rl_fraction
-    tag = f"f{cfg.rl_fraction:g}"
-    result = distill_back(
-        cfg,
-        demos=[demos],
-        rl_data=[work / "rl"],
-        out=work / f"round1-{tag}",
-        parent="pick-place-v3-student@1",
-        collected_by=COLLECTED_BY,
-        version=2,
-        model_id="pick-place-v3-student",
-    )
-    finals = {k: round(v, 5) for k, v in result.losses.items() if k != "curves"}
-    print(
-        f"distill-back: {result.tag} in {result.wall_s:.0f} s wall, {result.cpu_s:.0f} s CPU "
-        f"({result.stage_s}); losses {finals}"
-    )
-    evals: dict[str, dict[str, Any]] = {}
-    for name, model in (("original", BASE), ("distilled", result.onnx)):
+    default = DistillBackConfig()
+    fractions = [float(f) for f in args.rl_fractions.split(",")] or [default.rl_fraction]
+    rounds: dict[str, dict[str, Any]] = {}
+    for fraction in fractions:
+        rounds[f"{fraction:g}"] = run_round(
+            DistillBackConfig(overwrite=True, rl_fraction=fraction), demos, work
+        )
+    evals: dict[str, dict[str, Any]] = {"original": {}}
+    for arm, off in (("shifted", args.action_offset), ("nominal", "0,0,0,0")):
+        evals["original"][arm] = evaluate_model(
+            BASE,
+            offset=off,
+            episodes=args.eval_episodes,
+            out=work / f"eval-original-base-{arm}.json",
+        )
+        print(f"original base on the {arm:7s} arm: {evals['original'][arm]}")
+    for key, summary in rounds.items():
+        name = f"distilled_f{key}"
         evals[name] = {}
         for arm, off in (("shifted", args.action_offset), ("nominal", "0,0,0,0")):
-            suffix = tag if name == "distilled" else "base"
             evals[name][arm] = evaluate_model(
-                model,
+                Path(summary["onnx"]),
                 offset=off,
                 episodes=args.eval_episodes,
-                out=work / f"eval-{name}-{suffix}-{arm}.json",
+                out=work / f"eval-distilled-f{key}-{arm}.json",
             )
-            print(f"{name:9s} on the {arm:7s} arm: {evals[name][arm]}")
+            print(f"distilled (rl_fraction {key}) on the {arm:7s} arm: {evals[name][arm]}")
+    main_key = f"{default.rl_fraction:g}"
+    if main_key not in rounds:
+        main_key = next(iter(rounds))
+    chosen = rounds[main_key]
+    distilled = evals[f"distilled_f{main_key}"]
     doc = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "task": "pick-place-v3",
         "action_offset": args.action_offset,
         "original_base": "models/pick-place-v3-student.onnx",
         "original_shifted_success": evals["original"]["shifted"]["success_rate"],
-        "distilled_shifted_success": evals["distilled"]["shifted"]["success_rate"],
+        "distilled_shifted_success": distilled["shifted"]["success_rate"],
         "original_nominal_success": evals["original"]["nominal"]["success_rate"],
-        "distilled_nominal_success": evals["distilled"]["nominal"]["success_rate"],
-        "distill_back_wall_s": round(result.wall_s, 1),
-        "distill_back_cpu_s": round(result.cpu_s, 1),
-        "distill_back_stage_s": result.stage_s,
+        "distilled_nominal_success": distilled["nominal"]["success_rate"],
+        "rl_fraction": float(main_key),
+        "distill_back_wall_s": chosen["wall_s"],
+        "distill_back_cpu_s": chosen["cpu_s"],
+        "distill_back_stage_s": chosen["stage_s"],
+        "by_rl_fraction": {
+            key: {
+                "shifted_success": evals[f"distilled_f{key}"]["shifted"]["success_rate"],
+                "nominal_success": evals[f"distilled_f{key}"]["nominal"]["success_rate"],
+                "cpu_s": summary["cpu_s"],
+                "wall_s": summary["wall_s"],
+                "tag": summary["tag"],
+                "sha256": summary["sha256"],
+                "losses": summary["losses"],
+            }
+            for key, summary in rounds.items()
+        },
         "eval": {"episodes": args.eval_episodes, "seeds_from": 1_000_000, "replan_every": 4},
         "evaluations": evals,
         "rl_data": {**rl, "collected_by": COLLECTED_BY, "robot_seed": 7},
-        "config": asdict(cfg),
+        "config": {**asdict(default), "rl_fraction": float(main_key)},
         "new_base": {
-            "tag": result.tag,
-            "sha256": result.sha256,
-            "lineage": result.metadata.lineage,
-            "max_abs_err_vs_pytorch": result.max_abs_err_vs_pytorch,
+            "tag": chosen["tag"],
+            "sha256": chosen["sha256"],
+            "lineage": chosen["lineage"],
+            "max_abs_err_vs_pytorch": chosen["max_abs_err_vs_pytorch"],
         },
-        "losses": result.losses,
+        "losses": chosen["losses"],
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "threads": cfg.threads,
+            "threads": default.threads,
             "load_average_before": load_before,
             "load_average_after": os.getloadavg(),
         },
@@ -229,25 +265,24 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
     arms = ("shifted", "nominal")
-    width = 0.38
-    for k, name in enumerate(("original", "distilled")):
-        rates = [doc["evaluations"][name][a]["success_rate"] for a in arms]
-        lows = [
-            r - doc["evaluations"][name][a]["ci95"][0] for r, a in zip(rates, arms, strict=True)
-        ]
-        highs = [
-            doc["evaluations"][name][a]["ci95"][1] - r for r, a in zip(rates, arms, strict=True)
-        ]
-        xs = np.arange(len(arms)) + (k - 0.5) * width
-        ax.bar(xs, rates, width, yerr=[lows, highs], capsize=4, label=f"{name} base alone")
+    names = list(doc["evaluations"])
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        ev = doc["evaluations"][name]
+        rates = [ev[a]["success_rate"] for a in arms]
+        lows = [r - ev[a]["ci95"][0] for r, a in zip(rates, arms, strict=True)]
+        highs = [ev[a]["ci95"][1] - r for r, a in zip(rates, arms, strict=True)]
+        xs = np.arange(len(arms)) + (k - (len(names) - 1) / 2) * width
+        label = "original base" if name == "original" else name.replace("_f", ", rl_fraction ")
+        ax.bar(xs, rates, width, yerr=[lows, highs], capsize=4, label=f"{label} (alone)")
     ax.set_xticks(np.arange(len(arms)))
     ax.set_xticklabels([f"shifted arm ({doc['action_offset']})", "nominal arm"])
     ax.set_ylim(0, 1.05)
     ax.set_ylabel(f"success ({doc['eval']['episodes']} episodes, 95% CI)")
     ax.set_title(f"distill-back, one round ({doc['distill_back_cpu_s']:.0f} s CPU)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
