@@ -6,7 +6,11 @@ command that comes back: good actions pass with their stamp and tag; NaN/inf, ma
 out-of-range actions (also hypothesis-generated streams) never produce a non-finite or
 out-of-bounds command and the residual part never exceeds delta; when actions stop, holds start
 within the watchdog timeout; the e-stop latches and releases; teleoperation overrides while
-fresh; invalid parameter values are refused.
+fresh; invalid parameter values are refused. The issue-12 findings each have a test: a
+future-stamped action locks nothing out, reserved frame ids are refused, a flood is rate limited
+per unit of time (one command per observation), limits cannot be relaxed beyond the start
+envelope and the e-stop is released only explicitly, and sim_robot ignores a rogue publisher
+on safety/command.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ TAG = "test-model@1+residual@1"
 # Defaults from config/safety.yaml that the checks below rely on.
 DELTA = 0.3
 RATE = 1.0
+RATE_PER_S = 80.0
 WATCHDOG_S = 0.1
+# The test node plays ticks far faster than 80 Hz; tests of the arithmetic lift the per-second
+# rate limit (the per-command limit stays) so that it never binds there. The per-second limit
+# has its own tests against the defaults.
+FAST = {"max_delta_per_s": 1e5, "gripper_max_delta_per_s": 1e5}
 
 
 class Command:
@@ -267,6 +276,9 @@ class Harness:
         msg.twist.angular.z = values[3]
         self.teleop_pub.publish(msg)
 
+    def release_estop(self, reason: str) -> list[Any]:
+        return self.set_parameters(estop_release=reason)
+
     def estop(self, latch: bool) -> Any:
         from std_srvs.srv import SetBool
 
@@ -289,7 +301,7 @@ class Harness:
 
 @pytest.fixture
 def harness(start: Any, rclpy_context: Any) -> Any:
-    safety = start("safety")
+    safety = start("safety", **FAST)
     h = Harness(rclpy_context)
     try:
         h.wait_ready()
@@ -382,12 +394,12 @@ def test_bad_actions_never_reach_the_command_topic(harness: Harness) -> None:
     mark = harness.mark()
     harness.step([0.2, 0.2, 0.2, 0.2])  # a known previous command
     for base, residual, names, extra, rejected in BAD_STREAM:
-        stamp = harness.tick(base, residual, names=names, extra_points=extra, tag="bad")
+        stamp = harness.tick(base, residual, names=names, extra_points=extra, tag="bad@1")
         sent[stamp] = np.asarray([*base, 0, 0, 0, 0][:4], dtype=np.float64)
         expected_rejects += rejected
         if not rejected:
             cmd = harness.wait_command(
-                answers(stamp, "bad"),
+                answers(stamp, "bad@1"),
                 timeout=REPLY_TIMEOUT,
                 mark=mark,
             )
@@ -399,7 +411,7 @@ def test_bad_actions_never_reach_the_command_topic(harness: Harness) -> None:
     harness.step([0.0, 0.0, 0.0, 0.0])  # flush: everything before it has been handled
     for cmd in harness.since(mark):
         assert_command_safe(cmd)
-        if cmd.frame_id == "bad":
+        if cmd.frame_id == "bad@1":
             assert cmd.stamp_ns in sent
     status = harness.wait_status(
         lambda s: s["rejected"] >= rejected_before + expected_rejects, timeout=3.0
@@ -446,16 +458,16 @@ def test_hypothesis_action_streams_only_give_safe_commands(harness: Harness) -> 
             harness.publish_state(stamp)
             harness.obs_pub.publish(harness._vector(np.zeros(3), stamp))
             harness.publish_action(
-                stamp, base, residual, names=names, extra_points=extra, tag="hypothesis"
+                stamp, base, residual, names=names, extra_points=extra, tag="hypothesis@1"
             )
             sent[stamp] = np.asarray((list(base) + [0.0] * 4)[:4], dtype=np.float64)
         flush = harness.step([0.0, 0.0, 0.0, 0.0]).stamp_ns
         sent[flush] = np.zeros(4)
         new = harness.since(mark)
-        state["prev"] = check_stream(new, sent, state["prev"], tags=(TAG, "hypothesis"))
+        state["prev"] = check_stream(new, sent, state["prev"], tags=(TAG, "hypothesis@1"))
         state["examples"] += 1
         state["sent"] += len(stream)
-        state["published"] += sum(1 for c in new if c.frame_id == "hypothesis")
+        state["published"] += sum(1 for c in new if c.frame_id == "hypothesis@1")
 
     run()
     print(
@@ -536,12 +548,19 @@ def test_estop_latches_a_hold_until_released(harness: Harness) -> None:
     assert status["state"] == "holding" and status["reason"] == "estop"
     time.sleep(0.25)  # let the teleop message go stale
     after = harness.status_mark()
-    assert harness.estop(False).success
+    refused = harness.estop(False)  # SetBool false releases nothing
+    assert not refused.success and "estop_release" in refused.message
+    cmd = harness.step([0.3, 0.0, -0.2, 0.7])
+    assert cmd.frame_id == "hold:estop"
+    assert not harness.release_estop("   ")[0].successful  # a release must say why
+    results = harness.release_estop("test: released on purpose")
+    assert all(r.successful for r in results), [r.reason for r in results]
     cmd = harness.step([0.3, 0.0, -0.2, 0.7])
     assert cmd.frame_id == TAG
     np.testing.assert_allclose(cmd.position, [0.3, 0.0, -0.2, 0.7])
     status = harness.wait_status(lambda s: not s["estop"], timeout=3.0, after=after)
-    assert status["estop_latches"] == 1
+    assert status["estop_latches"] == 1 and status["estop_releases"] == 1
+    assert status["last_estop_release"] == "test: released on purpose"
 
 
 # ---------------------------------------------------------------------------- (e)
@@ -604,7 +623,7 @@ def test_invalid_parameter_values_are_refused(harness: Harness) -> None:
 
 def test_single_threaded_executor_serves_the_same(start: Any, rclpy_context: Any) -> None:
     """The fallback executor: actions pass, a stopped policy gets held."""
-    safety = start("safety", executor="single")
+    safety = start("safety", executor="single", **FAST)
     h = Harness(rclpy_context)
     try:
         h.wait_ready()
