@@ -14,9 +14,9 @@ publish time (DDS source timestamp) for the per-second rate limit:
 
 - unsafe: non-finite, outside the envelope's action bounds, a hold with xyz motion or a changed
   gripper, a change over the per-command limit (stopping excepted), more travel in any window
-  than one burst plus the per-second rate of the window (+2 ms), a moving command after an
-  e-stop hold before a release, a moving command whose frame_id is neither a policy version tag
-  nor 'teleop';
+  than one burst plus the per-second rate of the window (+2 ms), any command but a hold
+  published after an e-stop latch was acknowledged and before a release was requested, a
+  moving command whose frame_id is neither a policy version tag nor 'teleop';
 - messages: generated attack messages (topics, service and parameter calls); the honest ticks
   of the probes are counted apart (``honest_messages``);
 - relaxations_accepted: an accepted parameter change that loosens a limit beyond its start
@@ -171,7 +171,11 @@ class Checker:
     unsafe: int = 0
     examples: list[str] = field(default_factory=list)
     prev: np.ndarray | None = None
-    estop_latched: bool = False  # an e-stop hold was seen and no release has been sent since
+    # Moving commands (safety's publish time, s) and the e-stop calls that succeeded
+    # (latch: when its reply came; release: when it was sent), judged at the end.
+    moving_times: list[float] = field(default_factory=list)
+    latches: list[float] = field(default_factory=list)
+    releases: list[float] = field(default_factory=list)
     # Window check state per component: travel C and min over earlier commands of C - r t.
     travel: np.ndarray = field(default_factory=lambda: np.zeros(4))
     min_slack: np.ndarray = field(default_factory=lambda: np.full(4, np.inf))
@@ -191,8 +195,23 @@ class Checker:
         if len(self.examples) < 20:
             self.examples.append(why)
 
-    def release_sent(self) -> None:
-        self.estop_latched = False
+    def estop_violations(self) -> int:
+        """Commands other than holds published after a latch was acknowledged with no release
+        requested in between (wall clock: the safety process's source time vs this one's)."""
+        latches, releases = np.sort(self.latches), np.sort(self.releases)
+        bad = 0
+        for t in self.moving_times:
+            i = np.searchsorted(latches, t)
+            if i == 0:
+                continue
+            latched_at = latches[i - 1]
+            j = np.searchsorted(releases, t)
+            if j == 0 or releases[j - 1] < latched_at:
+                bad += 1
+                if len(self.examples) < 20:
+                    self.examples.append(f"moving command {t - latched_at:.4f} s after a latch")
+        self.unsafe += bad
+        return bad
 
     def command(self, frame_id: str, position: np.ndarray, source_s: float) -> None:
         self.commands += 1
@@ -208,13 +227,10 @@ class Checker:
                 self.bad(f"hold with xyz motion {position.tolist()}")
             if self.prev is not None and position[3] != self.prev[3]:
                 self.bad(f"hold changed the gripper {self.prev[3]} -> {position[3]}")
-            if frame_id == "hold:estop":
-                self.estop_latched = True
         else:
             if frame_id != "teleop" and VERSION_TAG.fullmatch(frame_id) is None:
                 self.bad(f"moving command with frame_id {frame_id[:40]!r}")
-            if self.estop_latched and np.any(position[:3] != 0.0):
-                self.bad(f"moving command while the e-stop is latched {position.tolist()}")
+            self.moving_times.append(source_s)
         if self.prev is not None:
             step = np.abs(position - self.prev)
             stopping = np.zeros(4, dtype=bool)
@@ -310,6 +326,7 @@ class Fuzzer:
         self.param_client = node.create_client(SetParameters, "/safety/set_parameters")
         self.lock = threading.Lock()
         self.last_seq = -10
+        self.maybe_latched = False
         self.answers: dict[int, float] = {}  # honest stamp -> receive time (TAG commands)
         self.status: dict[str, Any] = {}
         node.create_subscription(JointState, topics.COMMAND, self._on_command, qos)
@@ -470,8 +487,16 @@ class Fuzzer:
                 pv.type = ParameterType.PARAMETER_DOUBLE_ARRAY
                 pv.double_array_value = [float(v) for v in value]
             params.append(Parameter(name=name, value=pv))
+        sent_at = time.time()
         response = self.call(self.param_client, self.SetParameters.Request(parameters=params))
         if operator:
+            if response is not None and any(
+                n == "estop_release" and r.successful
+                for (n, _), r in zip(changes, response.results, strict=False)
+            ):
+                with self.lock:
+                    self.checker.releases.append(sent_at)
+                self.maybe_latched = False
             return
         self.count("parameters")
         if response is None:
@@ -483,7 +508,8 @@ class Fuzzer:
             self.param_calls_accepted += 1
             if name == "estop_release" and value:
                 with self.lock:
-                    self.checker.release_sent()
+                    self.checker.releases.append(sent_at)
+                self.maybe_latched = False
                 self.releases += 1
             if name in self.envelope and relaxes(name, value, self.envelope, self.read_only):
                 self.relaxations_accepted += 1
@@ -498,7 +524,11 @@ class Fuzzer:
                 teleop |= step[1][0] == "teleop"
                 self.flood(step)
             elif kind == "estop":
-                self.call(self.estop_client, self.SetBool.Request(data=step[1]))
+                reply = self.call(self.estop_client, self.SetBool.Request(data=step[1]))
+                if step[1] and reply is not None and reply.success:
+                    with self.lock:
+                        self.checker.latches.append(time.time())
+                self.maybe_latched |= step[1]
                 self.count("estop")
             elif kind == "release":
                 self.param([("estop_release", step[1])])
@@ -515,11 +545,9 @@ class Fuzzer:
     def restore(self) -> None:
         """The operator after an attack: release a latched e-stop, restore the limits."""
         with self.lock:
-            latched = bool(self.status.get("estop")) or self.checker.estop_latched
+            latched = bool(self.status.get("estop")) or self.maybe_latched
         if latched:
             self.param([("estop_release", "fuzz operator: attack over")], operator=True)
-            with self.lock:
-                self.checker.release_sent()
         restore = [
             (n, v)
             for n, v in self.envelope.items()
@@ -644,6 +672,7 @@ def main() -> int:
         time.sleep(0.5)
         with fuzz.lock:
             status = dict(fuzz.status)
+            fuzz.checker.estop_violations()
     finally:
         fuzz.close()
     elapsed = time.monotonic() - started
