@@ -22,9 +22,9 @@ publish time (DDS source timestamp) for the per-second rate limit:
 - relaxations_accepted: an accepted parameter change that loosens a limit beyond its start
   value (or changes a read-only one);
 - crashes: the safety process died (it is restarted and the run goes on);
-- lockouts: after an attack (the operator releases a latched e-stop and restores the limits,
-  teleop messages have gone stale) honest 80 Hz ticks are not answered within one watchdog
-  period (0.1 s);
+- lockouts: after an attack (the node has handled what it was sent, the operator released a
+  latched e-stop and restored the limits, teleop messages have gone stale) honest 80 Hz ticks
+  are not answered within one watchdog period (0.1 s);
 - answered_good_fraction: honest ticks answered by a command carrying their stamp and tag.
 
     nice -n 5 python bench/fuzz_safety.py [--messages 100000] [--seed 0]
@@ -35,6 +35,7 @@ Writes bench/results/fuzz.json and fuzz.png.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import math
 import os
@@ -56,7 +57,7 @@ TAG = "fuzz-policy@1+residual@1"
 HONEST_DT_NS = 12_500_000  # 80 Hz
 HAND = (0.0, 0.6, 0.2)  # inside the workspace box
 SOURCE_SLACK_S = 0.002  # safety's monotonic reading vs its publish time
-_TAG_PART = r"[^\s@+|:/]{1,100}@(0|[1-9][0-9]{0,17})"
+_TAG_PART = r"[^\s@+|]{1,100}@(0|[1-9][0-9]{0,17})"
 VERSION_TAG = re.compile(rf"{_TAG_PART}(\+{_TAG_PART})?")
 NAMES = ("dx", "dy", "dz", "gripper")
 
@@ -285,7 +286,7 @@ class Fuzzer:
     def __init__(self, args: argparse.Namespace) -> None:
         import rclpy
         from geometry_msgs.msg import TwistStamped
-        from rcl_interfaces.srv import SetParameters
+        from rcl_interfaces.srv import GetParameters, SetParameters
         from rclpy.executors import SingleThreadedExecutor
         from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
         from sensor_msgs.msg import JointState
@@ -322,10 +323,22 @@ class Fuzzer:
         self.pub_teleop = node.create_publisher(TwistStamped, topics.TELEOP, qos)
         self.pub_obs = node.create_publisher(JointState, topics.OBSERVATION, qos)
         self.pub_state = node.create_publisher(JointState, topics.TASK_STATE, qos)
+        # The honest robot, perception and policy publish through writers of their own, as in
+        # the graph: the attacker's floods do not queue ahead of them in one writer.
+        honest = rclpy.create_node("fuzz_honest_graph")
+        self.honest_node = honest
+        self.honest_action = honest.create_publisher(JointTrajectory, topics.POLICY_ACTION, qos)
+        self.honest_obs = honest.create_publisher(JointState, topics.OBSERVATION, qos)
+        self.honest_state = honest.create_publisher(JointState, topics.TASK_STATE, qos)
         self.estop_client = node.create_client(SetBool, topics.SAFETY_ESTOP)
         self.param_client = node.create_client(SetParameters, "/safety/set_parameters")
+        self.get_client = node.create_client(GetParameters, "/safety/get_parameters")
+        self.GetParameters = GetParameters
+        self.drain_ms: list[float] = []
         self.lock = threading.Lock()
         self.last_seq = -10
+        self.recent: collections.deque = collections.deque(maxlen=12)
+        self.last_attack: list[tuple] = []
         self.maybe_latched = False
         self.answers: dict[int, float] = {}  # honest stamp -> receive time (TAG commands)
         self.status: dict[str, Any] = {}
@@ -365,6 +378,7 @@ class Fuzzer:
                 self.checker.gap()
             self.last_seq = seq if seq is not None else -10
             self.checker.command(msg.header.frame_id, position, info["source_timestamp"] / 1e9)
+            self.recent.append((msg.header.frame_id, stamp_to_ns(msg.header.stamp)))
             if msg.header.frame_id == TAG:
                 self.answers.setdefault(stamp_to_ns(msg.header.stamp), time.monotonic())
 
@@ -380,6 +394,9 @@ class Fuzzer:
                 self.pub_action.get_subscription_count() >= 1
                 and self.pub_obs.get_subscription_count() >= 1
                 and self.pub_state.get_subscription_count() >= 1
+                and self.honest_action.get_subscription_count() >= 1
+                and self.honest_obs.get_subscription_count() >= 1
+                and self.honest_state.get_subscription_count() >= 1
                 and self.pub_teleop.get_subscription_count() >= 1
                 and self.node.count_publishers("safety/command") >= 1
             )
@@ -388,6 +405,7 @@ class Fuzzer:
             raise RuntimeError(f"safety node did not come up (see {self.log_dir})")
         assert self.estop_client.wait_for_service(timeout_sec=30.0)
         assert self.param_client.wait_for_service(timeout_sec=30.0)
+        assert self.get_client.wait_for_service(timeout_sec=30.0)
 
     def call(self, client: Any, request: Any, timeout: float = 2.0) -> Any:
         future = client.call_async(request)
@@ -518,6 +536,7 @@ class Fuzzer:
     def attack(self, steps: list[tuple]) -> bool:
         """Play one attack; True if it included teleoperation (let it go stale after)."""
         teleop = False
+        self.last_attack = steps
         for step in steps:
             kind = step[0]
             if kind == "flood":
@@ -564,7 +583,7 @@ class Fuzzer:
         state.position = [*HAND, *([0.0] * 36)]
         obs = self.msgs["JointState"]()
         obs.position = [0.0] * 3
-        pub_action, action = self.build(
+        _, action = self.build(
             ("action", ("rel", 0), TAG, NAMES, [([0.1, 0.0, 0.0, 0.0], [0.0] * 4)])
         )
         first = time.monotonic()
@@ -576,9 +595,9 @@ class Fuzzer:
             if now >= next_tick and len(stamps) < self.args.probe_ticks:
                 stamp = ns_to_stamp(time.time_ns())
                 state.header.stamp = obs.header.stamp = action.header.stamp = stamp
-                self.pub_state.publish(state)
-                self.pub_obs.publish(obs)
-                pub_action.publish(action)
+                self.honest_state.publish(state)
+                self.honest_obs.publish(obs)
+                self.honest_action.publish(action)
                 stamps.append(stamp.sec * 10**9 + stamp.nanosec)
                 next_tick += HONEST_DT_NS / 1e9
             with self.lock:
@@ -597,7 +616,12 @@ class Fuzzer:
         self.recovery_ms.append(recovery * 1e3)
         if recovery > self.config.watchdog_timeout_s:
             self.lockouts += 1
+            with self.lock:
+                recent, status = list(self.recent), dict(self.status)
             print(f"LOCKOUT: first honest answer after {recovery * 1e3:.1f} ms")
+            print(f"  honest stamps {stamps[:2]}..., recent commands {recent}")
+            print(f"  status {status}")
+            print(f"  attack {[str(step)[:300] for step in self.last_attack]}")
 
     def after_attack(self, teleop: bool) -> None:
         if self.safety.process.poll() is not None:
@@ -608,6 +632,11 @@ class Fuzzer:
             )
             self.wait_ready()
         self.restore()
+        # The attack is over once the node has digested it: a service call queues behind every
+        # message that arrived before it (on this loaded machine a flood can take a while).
+        started = time.monotonic()
+        self.call(self.get_client, self.GetParameters.Request(names=["delta"]), timeout=5.0)
+        self.drain_ms.append((time.monotonic() - started) * 1e3)
         if teleop:
             time.sleep(self.config.teleop_timeout_s + 0.01)
         self.probe()
@@ -618,6 +647,7 @@ class Fuzzer:
 
         self.executor.shutdown(timeout_sec=2.0)
         self.node.destroy_node()
+        self.honest_node.destroy_node()
         stop_all([self.safety])
         import rclpy
 
@@ -698,6 +728,12 @@ def main() -> int:
             "p99": round(float(np.percentile(recovery, 99)), 2) if len(recovery) else None,
             "max": round(float(recovery.max()), 2) if len(recovery) else None,
             "watchdog_ms": fuzz.config.watchdog_timeout_s * 1e3,
+        },
+        "drain_ms": {
+            "p50": round(float(np.percentile(fuzz.drain_ms, 50)), 2),
+            "max": round(float(np.max(fuzz.drain_ms)), 2),
+            "note": "after each attack (and the operator's restore), a get_parameters call "
+            "waits until the node has handled what was queued before the honest ticks start",
         },
         "parameter_changes_accepted": fuzz.param_calls_accepted,
         "parameter_changes_refused": fuzz.param_calls_refused,

@@ -337,6 +337,8 @@ def test_a_flood_moves_the_command_no_faster_than_the_rate_per_second() -> None:
         ("model@1+", False),
         ("a@1+b@2+c@3", False),
         ("model@1 ", False),
+        ("org/model:v2@3", True),  # the model contract allows any word without @ + | or space
+        ("hold:model@1", False),
         ("x" * 101 + "@1", False),
         ("model@" + "9" * 19, False),
     ],

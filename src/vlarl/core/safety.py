@@ -100,7 +100,7 @@ ACTION_LIMIT = 1.0
 TELEOP_TAG = "teleop"
 HOLD_TAG_PREFIX = "hold:"
 _TAG_FORM = "model@version[+residual@version]"
-_TAG_PART = r"[^\s@+|:/]{1,100}@(0|[1-9][0-9]{0,17})"
+_TAG_PART = r"[^\s@+|]{1,100}@(0|[1-9][0-9]{0,17})"
 _VERSION_TAG = re.compile(rf"{_TAG_PART}(\+{_TAG_PART})?")
 
 
