@@ -337,6 +337,9 @@ class Fuzzer:
         self.drain_ms: list[float] = []
         self.lock = threading.Lock()
         self.last_seq = -10
+        self.unanswered_calls = 0
+        self.last_source_s = 0.0
+        self.last_rx = 0.0
         self.recent: collections.deque = collections.deque(maxlen=12)
         self.last_attack: list[tuple] = []
         self.maybe_latched = False
@@ -374,6 +377,8 @@ class Fuzzer:
         position = np.asarray(msg.position, dtype=np.float64)
         seq = info["publication_sequence_number"]
         with self.lock:
+            self.last_source_s = info["source_timestamp"] / 1e9
+            self.last_rx = time.monotonic()
             if seq is None or seq != self.last_seq + 1:
                 self.checker.gap()
             self.last_seq = seq if seq is not None else -10
@@ -506,7 +511,16 @@ class Fuzzer:
                 pv.double_array_value = [float(v) for v in value]
             params.append(Parameter(name=name, value=pv))
         sent_at = time.time()
-        response = self.call(self.param_client, self.SetParameters.Request(parameters=params))
+        response = self.call(
+            self.param_client,
+            self.SetParameters.Request(parameters=params),
+            timeout=10.0 if operator else 2.0,
+        )
+        if response is None:
+            self.unanswered_calls += 1
+            if any(n == "estop_release" for n, _ in changes):
+                with self.lock:  # it may have released: do not count what follows as unsafe
+                    self.checker.releases.append(sent_at)
         if operator:
             if response is not None and any(
                 n == "estop_release" and r.successful
@@ -631,11 +645,25 @@ class Fuzzer:
                 "safety", domain_id=self.args.domain_id, log_dir=self.log_dir
             )
             self.wait_ready()
-        self.restore()
-        # The attack is over once the node has digested it: a service call queues behind every
-        # message that arrived before it (on this loaded machine a flood can take a while).
+        # The attack is over once the node has everything it was sent (reliable writers: all
+        # acknowledged) and has handled it (a service call queues behind every message that
+        # arrived before it), and this process has read the commands it answered with: on this
+        # loaded machine a flood takes a while to digest.
+        from rclpy.duration import Duration
+
         started = time.monotonic()
+        for pub in (self.pub_action, self.pub_teleop):  # the node's reliable readers
+            pub.wait_for_all_acked(Duration(seconds=1.0))
+        self.restore()
         self.call(self.get_client, self.GetParameters.Request(names=["delta"]), timeout=5.0)
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline:
+            with self.lock:
+                fresh = time.time() - self.last_source_s < 0.02
+                idle = time.monotonic() - self.last_rx > 0.06
+            if fresh or idle:
+                break
+            time.sleep(0.002)
         self.drain_ms.append((time.monotonic() - started) * 1e3)
         if teleop:
             time.sleep(self.config.teleop_timeout_s + 0.01)
@@ -732,9 +760,11 @@ def main() -> int:
         "drain_ms": {
             "p50": round(float(np.percentile(fuzz.drain_ms, 50)), 2),
             "max": round(float(np.max(fuzz.drain_ms)), 2),
-            "note": "after each attack (and the operator's restore), a get_parameters call "
-            "waits until the node has handled what was queued before the honest ticks start",
+            "note": "after each attack: until the node acknowledged every message, handled "
+            "them (a get_parameters call queues behind), the operator restored the limits and "
+            "this process read the commands so far; then the honest ticks start",
         },
+        "unanswered_parameter_calls": fuzz.unanswered_calls,
         "parameter_changes_accepted": fuzz.param_calls_accepted,
         "parameter_changes_refused": fuzz.param_calls_refused,
         "estop_releases_with_reason": fuzz.releases,
