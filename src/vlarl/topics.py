@@ -122,7 +122,8 @@ TOPICS: tuple[TopicSpec, ...] = (
         "control rate",
         "joint_names = dx, dy, dz, gripper; points[0] = this tick, points[1:] = rest of the "
         "chunk; positions = base action, effort = residual; stamp = observation stamp; "
-        "frame_id = policy version tag 'model@version+residual@version'",
+        "frame_id = policy version tag 'model@version+residual@version' (safety refuses any "
+        "other: 'teleop' and 'hold:*' are its own)",
     ),
     TopicSpec(
         POLICY_STATUS,
@@ -140,14 +141,17 @@ TOPICS: tuple[TopicSpec, ...] = (
         "safety (only)",
         "control rate",
         "name = dx, dy, dz, gripper; position = command to the robot; stamp = observation "
-        "stamp; frame_id = version tag of the action, 'teleop', or 'hold:<reason>'",
+        "stamp; frame_id = version tag of the action, 'teleop', or 'hold:<reason>'; sim_robot "
+        "obeys only the safety node's publisher (gid checked)",
     ),
     TopicSpec(
         SAFETY_STATUS,
         "std_msgs/String",
         "safety",
         "status_rate_hz (2)",
-        "JSON: state, holding reason, counters (commands, clamped, rejected, watchdog_trips)",
+        "JSON: state, holding reason, counters (commands, clamped, rejected by reason, "
+        "watchdog_trips, estop latches / releases, relaxations_refused), last_rejection, "
+        "last_estop_release",
     ),
     TopicSpec(
         REWARD,
@@ -223,7 +227,8 @@ TOPICS: tuple[TopicSpec, ...] = (
         "std_srvs/SetBool",
         "safety",
         "on request",
-        "true latches a hold until a call with false releases it",
+        "true latches a hold; false is refused: release with ros2 param set /safety "
+        "estop_release '<who: why>' (logged)",
         kind="service",
     ),
     TopicSpec(

@@ -25,10 +25,14 @@ from vlarl.core.safety import (
     HOLD_WATCHDOG,
     POLICY,
     RATE_LIMITED,
+    REJECT_FUTURE,
     REJECT_MALFORMED,
+    REJECT_NO_OBSERVATION,
     REJECT_NONFINITE,
     REJECT_OUT_OF_ORDER,
+    REJECT_REPEATED,
     REJECT_STALE,
+    REJECT_TAG,
     REJECTED,
     RESIDUAL_CLAMPED,
     TELEOP,
@@ -38,6 +42,7 @@ from vlarl.core.safety import (
     SafetyConfig,
     SafetyFilter,
     check_action,
+    check_version_tag,
 )
 
 MS = 1_000_000  # ns
@@ -52,8 +57,21 @@ def make(now: float = 0.0, *, ee: Any = INSIDE, **changes: Any) -> SafetyFilter:
     return f
 
 
-def act(f: SafetyFilter, base: Any, residual: Any = (0, 0, 0, 0), *, stamp: int, now: float):
-    return f.filter(base, residual, stamp_ns=stamp, now=now)
+def act(
+    f: SafetyFilter,
+    base: Any,
+    residual: Any = (0, 0, 0, 0),
+    *,
+    stamp: int,
+    now: float,
+    observe: bool = True,
+    tag: str | None = None,
+) -> Decision:
+    """A control tick: the observation stamped ``stamp`` (unless ``observe`` is False), then
+    the policy's action for it."""
+    if observe:
+        f.observe(stamp, now=now)
+    return f.filter(base, residual, stamp_ns=stamp, now=now, tag=tag)
 
 
 # ------------------------------------------------------------------------- config
@@ -205,25 +223,135 @@ def test_huge_finite_values_are_clipped_not_rejected() -> None:
 def test_out_of_order_and_stale_actions_are_dropped() -> None:
     f = make(max_action_age_s=0.1)
     assert act(f, [0.1, 0, 0, 0], stamp=50 * MS, now=0.01).published
-    d = act(f, [0.1, 0, 0, 0], stamp=40 * MS, now=0.02)
+    d = act(f, [0.1, 0, 0, 0], stamp=40 * MS, now=0.02, observe=False)
     assert d.reason == REJECT_OUT_OF_ORDER and not d.published
-    assert act(f, [0.1, 0, 0, 0], stamp=50 * MS, now=0.03).published  # equal stamp: fine
     f.observe(300 * MS, now=0.04)
-    d = act(f, [0.1, 0, 0, 0], stamp=150 * MS, now=0.05)
+    d = act(f, [0.1, 0, 0, 0], stamp=150 * MS, now=0.05, observe=False)
     assert d.reason == REJECT_STALE
-    assert act(f, [0.1, 0, 0, 0], stamp=200 * MS, now=0.06).published  # exactly max age
+    assert act(f, [0.1, 0, 0, 0], stamp=200 * MS, now=0.06, observe=False).published  # max age
     assert f.counters.rejected_reasons[REJECT_OUT_OF_ORDER] == 1
     assert f.counters.rejected_reasons[REJECT_STALE] == 1
     assert f.counters.rejected == 2
 
 
+def test_no_action_is_accepted_before_the_first_observation() -> None:
+    f = make()
+    d = act(f, [0.1, 0, 0, 0], stamp=5 * MS, now=0.01, observe=False)
+    assert d.reason == REJECT_NO_OBSERVATION and not d.published
+    assert act(f, [0.1, 0, 0, 0], stamp=5 * MS, now=0.02).published
+
+
 def test_a_restarted_observation_clock_is_followed() -> None:
     f = make()
-    f.observe(100_000 * MS, now=0.0)
     assert act(f, [0.1, 0, 0, 0], stamp=100_000 * MS, now=0.01).published
     f.observe(10 * MS, now=0.02)  # the simulator restarted: its clock starts again
-    d = act(f, [0.1, 0, 0, 0], stamp=10 * MS, now=0.03)
+    d = act(f, [0.1, 0, 0, 0], stamp=10 * MS, now=0.03, observe=False)
     assert d.published and d.stamp_ns == 10 * MS
+
+
+def test_one_future_stamped_action_does_not_lock_the_policy_out() -> None:
+    """Finding 1: an action stamped an hour ahead is refused; the next good tick is answered."""
+    f = make()
+    assert act(f, [0.1, 0, 0, 0], stamp=1000 * MS, now=0.0).published
+    hour = 3600 * 1000 * MS
+    d = act(f, [0.1, 0, 0, 0], stamp=1000 * MS + hour, now=0.001, observe=False)
+    assert d.reason == REJECT_FUTURE and not d.published
+    lead = round(f.config.max_action_lead_s * 1e9)
+    assert act(f, [0, 0, 0, 0], stamp=1000 * MS + lead + 1, now=0.002, observe=False).reason == (
+        REJECT_FUTURE
+    )
+    d = act(f, [0.2, 0, 0, 0], stamp=1012 * MS, now=0.0125)
+    assert d.source == POLICY and d.stamp_ns == 1012 * MS
+    assert f.counters.rejected_reasons[REJECT_FUTURE] == 2
+
+
+def test_a_forged_observation_stamp_is_overridden_by_the_next_real_one() -> None:
+    f = make()
+    assert act(f, [0.1, 0, 0, 0], stamp=1000 * MS, now=0.0).published
+    f.observe(1000 * MS + 3600 * 1000 * MS, now=0.001)  # an hour ahead
+    d = act(f, [0.1, 0, 0, 0], stamp=1012 * MS, now=0.002, observe=False)
+    assert d.reason == REJECT_STALE
+    assert act(f, [0.1, 0, 0, 0], stamp=1012 * MS, now=0.0125).source == POLICY  # real obs
+    f.observe(5 * MS, now=0.013)  # far in the past
+    assert act(f, [0.1, 0, 0, 0], stamp=1025 * MS, now=0.025).source == POLICY
+
+
+def test_an_action_within_the_lead_does_not_deadlock_a_lockstep_robot() -> None:
+    """A command stamped slightly ahead went out; the lock-stepped robot, still at its sample,
+    republishes it: its real action is answered (no wait for stamps that never advance)."""
+    f = make()
+    assert act(f, [0.1, 0, 0, 0], stamp=1000 * MS, now=0.0).published
+    assert act(f, [0.1, 0, 0, 0], stamp=1040 * MS, now=0.001, observe=False).published
+    d = act(f, [0.1, 0, 0, 0], stamp=1000 * MS, now=0.02)  # the republished sample
+    assert d.source == POLICY and d.stamp_ns == 1000 * MS
+
+
+def test_at_most_one_command_per_observation() -> None:
+    f = make()
+    assert act(f, [0.1, 0, 0, 0], stamp=10 * MS, now=0.0).published
+    for i in range(5):
+        d = act(f, [0.2, 0, 0, 0], stamp=10 * MS, now=0.001 * (i + 1), observe=False)
+        assert d.reason == REJECT_REPEATED and not d.published
+    assert act(f, [0.2, 0, 0, 0], stamp=10 * MS, now=0.01).published  # republished sample
+    assert f.counters.policy_commands == 2 and f.counters.rejected_reasons[REJECT_REPEATED] == 5
+
+
+def test_a_flood_moves_the_command_no_faster_than_the_rate_per_second() -> None:
+    """Finding 3: 2 kHz of actions alternating -1/+1 (each its own observation) inside one
+    12.5 ms tick: the command moves by at most one burst plus the refill of that time."""
+    f = make()
+    assert act(f, [0.0, 0, 0, 0], stamp=1 * MS, now=0.0).published
+    cfg = f.config
+    commands = [f.last_command[0]]
+    now, stamp = 0.0, 1 * MS
+    for k in range(25):  # 25 actions in 12.5 ms
+        now += 0.0005
+        stamp += MS // 2
+        d = act(f, [(-1.0) ** k, 0, 0, 0], stamp=stamp, now=now)
+        assert d.published
+        commands.append(d.command[0])  # type: ignore[index]
+    travelled = float(np.abs(np.diff(commands)).sum())
+    assert travelled <= cfg.max_delta_per_tick + cfg.max_delta_per_s * now + 1e-9, travelled
+    assert travelled < 2.5  # per message, 25 swings of up to 1.0 each would have passed
+    # Given time, the full per-tick change is available again.
+    d = act(f, [1.0, 0, 0, 0], stamp=stamp + 13 * MS, now=now + 0.0125)
+    assert abs(d.command[0] - commands[-1]) == pytest.approx(  # type: ignore[index]
+        min(cfg.max_delta_per_tick, 1.0 - commands[-1])
+    )
+
+
+@pytest.mark.parametrize(
+    ("tag", "ok"),
+    [
+        ("pick-place-v3-student@1", True),
+        ("pick-place-v3-student@0+residual@17", True),
+        ("expert-sigma0.1@0", True),
+        ("teleop", False),
+        ("teleop@1", False),
+        ("hold:estop", False),
+        ("hold:watchdog", False),
+        ("", False),
+        ("model", False),
+        ("model@", False),
+        ("model@01", False),
+        ("model@1+", False),
+        ("a@1+b@2+c@3", False),
+        ("model@1 ", False),
+        ("org/model:v2@3", True),  # the model contract allows any word without @ + | or space
+        ("hold:model@1", False),
+        ("x" * 101 + "@1", False),
+        ("model@" + "9" * 19, False),
+    ],
+)
+def test_only_policy_version_tags_are_accepted(tag: str, ok: bool) -> None:
+    """Finding 2: 'teleop', 'hold:*' and anything not a version tag is refused with a reason."""
+    reason = check_version_tag(tag)
+    assert (reason is None) == ok, reason
+    f = make()
+    d = act(f, [0.1, 0, 0, 0], stamp=1 * MS, now=0.0, tag=tag)
+    assert d.published == ok
+    if not ok:
+        assert d.reason == REJECT_TAG and reason and "frame_id" in reason
 
 
 # ------------------------------------------------------------------------- watchdog
@@ -272,12 +400,12 @@ def test_rejected_actions_do_not_feed_the_watchdog() -> None:
 # ------------------------------------------------------------------------- e-stop
 
 
-def test_estop_latches_until_released() -> None:
+def test_estop_latches_until_released_with_a_reason() -> None:
     f = make()
     act(f, [0.3, 0.3, 0.3, 0.5], stamp=1 * MS, now=0.0)
     f.observe(2 * MS, now=0.0)
-    d = f.estop(True, now=0.01)
-    assert d is not None and d.reason == HOLD_ESTOP and d.frame_id() == "hold:estop"
+    d = f.latch_estop(now=0.01)
+    assert d.reason == HOLD_ESTOP and d.frame_id() == "hold:estop"
     assert d.command is not None
     np.testing.assert_allclose(d.command, [0, 0, 0, 0.5])
     for i in range(5):
@@ -287,12 +415,78 @@ def test_estop_latches_until_released() -> None:
     assert f.status(0.1)["state"] == "holding" and f.status(0.1)["estop"]
     d = f.check(0.5)  # policy gone as well: still an e-stop hold
     assert d is not None and d.reason == HOLD_ESTOP
-    assert f.estop(False, now=0.6) is None
+    assert f.release_estop("   ") is not None and f.estop_latched  # no reason: refused
+    assert f.release_estop("alice: arm cleared") is None and not f.estop_latched
+    assert f.release_estop("again") == "no e-stop is latched"
+    assert f.status(0.6)["last_estop_release"] == "alice: arm cleared"
     f.update_ee_position(INSIDE, now=0.6)
     d = act(f, [0.5, 0.0, 0.0, 0.5], stamp=20 * MS, now=0.61)
     assert d.source == POLICY
     np.testing.assert_allclose(d.command, [0.5, 0.0, 0.0, 0.5])
-    assert f.counters.estop_latches == 1 and f.status(0.62)["state"] == "ok"
+    c = f.counters
+    assert c.estop_latches == 1 and c.estop_releases == 1 and c.estop_release_refused == 2
+    assert f.status(0.62)["state"] == "ok"
+
+
+# ------------------------------------------------------------------------- envelope
+
+
+@pytest.mark.parametrize(
+    ("changes", "fragment"),
+    [
+        ({"delta": 0.5}, "delta"),
+        ({"action_low": (-1.0, -1.0, -1.0, -1.0)}, "action_low"),
+        ({"action_high": (0.6, 0.5, 0.5, 1.0)}, "action_high"),
+        ({"max_delta_per_tick": 0.6}, "max_delta_per_tick"),
+        ({"max_delta_per_s": 100.0}, "max_delta_per_s"),
+        ({"gripper_max_delta_per_s": 200.0}, "gripper_max_delta_per_s"),
+        ({"watchdog_timeout_s": 0.2}, "watchdog_timeout_s"),
+        ({"max_action_age_s": 0.2}, "max_action_age_s"),
+        ({"max_action_lead_s": 0.08}, "max_action_lead_s"),
+        ({"teleop_timeout_s": 0.5}, "teleop_timeout_s"),
+        ({"ee_timeout_s": 1.0}, "ee_timeout_s"),
+        ({"hold_period_s": 0.1}, "hold_period_s"),
+        ({"workspace_enabled": False}, "workspace_enabled"),
+        ({"workspace_low": (-0.6, 0.35, 0.02)}, "workspace_low"),
+        ({"workspace_high": (0.55, 1.1, 0.55)}, "workspace_high"),
+        ({"initial_gripper": 0.0}, "initial_gripper"),
+    ],
+)
+def test_limits_may_only_be_tightened_within_the_start_envelope(
+    changes: dict[str, Any], fragment: str
+) -> None:
+    """Finding 4: every limit has a hard bound fixed at start."""
+    start = SafetyConfig().with_changes(
+        delta=0.3,
+        action_low=(-0.5, -0.5, -0.5, -1.0),
+        action_high=(0.5, 0.5, 0.5, 1.0),
+        max_delta_per_tick=0.5,
+    )
+    f = SafetyFilter(start, now=0.0)
+    with pytest.raises(ValueError, match="tightened") as info:
+        f.reconfigure(start.with_changes(**changes))
+    assert fragment in str(info.value)
+    assert f.config == start and f.counters.relaxations_refused == 1
+    tighter = start.with_changes(
+        delta=0.1, action_high=(0.2, 0.5, 0.5, 1.0), max_delta_per_s=10.0, watchdog_timeout_s=0.06
+    )
+    f.reconfigure(tighter)
+    assert f.config == tighter
+    f.reconfigure(start)  # back up to the hard bound: allowed
+    assert f.config == start
+
+
+def test_hard_ceilings_hold_whatever_the_start_values() -> None:
+    with pytest.raises(ValueError, match="cannot be disabled"):
+        SafetyConfig(watchdog_timeout_s=60.0)
+    with pytest.raises(ValueError, match="action space"):
+        SafetyConfig(action_low=(-100.0, -1.0, -1.0, -1.0))
+    with pytest.raises(ValueError, match="action space"):
+        SafetyConfig(action_high=(1.0, 1.0, 1.0, 50.0))
+    with pytest.raises(ValueError, match="max_action_lead_s"):
+        SafetyConfig(max_action_lead_s=0.1, watchdog_timeout_s=0.1)
+    with pytest.raises(ValueError, match="delta"):
+        SafetyFilter(SafetyConfig(delta=0.5), envelope=SafetyConfig(delta=0.3))
 
 
 # ------------------------------------------------------------------------- teleop
@@ -330,7 +524,8 @@ def test_teleop_drives_while_the_policy_is_dead_but_not_through_estop() -> None:
     d = f.observe(7, now=0.16)
     assert d is not None and d.source == TELEOP and d.stamp_ns == 7
     assert f.status(0.16)["state"] == "ok" and f.status(0.16)["teleop"]
-    f.estop(True, now=0.17)
+    assert f.check(0.25) is None  # this observation is answered: no second teleop command
+    f.latch_estop(now=0.17)
     d = f.observe(8, now=0.18)
     assert d is not None and d.source == HOLD and d.reason == HOLD_ESTOP
 
@@ -431,6 +626,7 @@ step = st.one_of(
     st.tuples(st.just("teleop"), anything),
     st.tuples(st.just("ee"), hnp.arrays(np.float64, (3,), elements=st.floats(-1.5, 1.5))),
     st.tuples(st.just("estop"), st.booleans()),
+    st.tuples(st.just("tighten"), st.floats(0.0, 1.0)),
 )
 
 
@@ -463,12 +659,13 @@ def test_any_input_sequence_only_ever_issues_safe_commands(
     )
     now = 0.0
     prev = f.last_command
-    last_stamp = -(2**63)
+    moving: dict[int, int] = {}  # moving commands per stamp
+    reanswerable: dict[int, int] = {}  # observations of a stamp after it was answered
     for (kind, *args), dt in steps:
         now += dt
         d: Decision | None
         if kind == "action":
-            d = act(f, args[0], args[1], stamp=args[2] * MS, now=now)
+            d = act(f, args[0], args[1], stamp=args[2] * MS, now=now, observe=False)
         elif kind == "observe":
             d = f.observe(args[0] * MS, now=now)
         elif kind == "check":
@@ -479,8 +676,16 @@ def test_any_input_sequence_only_ever_issues_safe_commands(
         elif kind == "ee":
             f.update_ee_position(args[0], now=now)
             d = None
+        elif kind == "tighten":
+            f.reconfigure(f.envelope.with_changes(delta=f.envelope.delta * args[0]))
+            d = None
+        elif args[0]:
+            d = f.latch_estop(now=now)
         else:
-            d = f.estop(args[0], now=now)
+            f.release_estop("test")
+            d = None
+        if kind == "observe" and moving.get(args[0] * MS):
+            reanswerable[args[0] * MS] = reanswerable.get(args[0] * MS, 0) + 1
         if d is None or d.command is None:
             continue
         assert_safe(f, d, prev, now)
@@ -491,8 +696,9 @@ def test_any_input_sequence_only_ever_issues_safe_commands(
             assert np.all(np.abs(d.command - b) <= delta + 1e-9)
         if f.estop_latched:
             assert d.source == HOLD and d.reason == HOLD_ESTOP
-        assert d.stamp_ns >= last_stamp  # issued stamps never go backwards
-        last_stamp = d.stamp_ns
+        if d.source != HOLD:  # at most one moving command per observation received
+            moving[d.stamp_ns] = moving.get(d.stamp_ns, 0) + 1
+            assert moving[d.stamp_ns] <= 1 + reanswerable.get(d.stamp_ns, 0)
         prev = d.command
         np.testing.assert_array_equal(f.last_command, prev)
     c = f.counters

@@ -6,7 +6,11 @@ command that comes back: good actions pass with their stamp and tag; NaN/inf, ma
 out-of-range actions (also hypothesis-generated streams) never produce a non-finite or
 out-of-bounds command and the residual part never exceeds delta; when actions stop, holds start
 within the watchdog timeout; the e-stop latches and releases; teleoperation overrides while
-fresh; invalid parameter values are refused.
+fresh; invalid parameter values are refused. The issue-12 findings each have a test: a
+future-stamped action locks nothing out, reserved frame ids are refused, a flood is rate limited
+per unit of time (one command per observation), limits cannot be relaxed beyond the start
+envelope and the e-stop is released only explicitly, and sim_robot ignores a rogue publisher
+on safety/command.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ TAG = "test-model@1+residual@1"
 # Defaults from config/safety.yaml that the checks below rely on.
 DELTA = 0.3
 RATE = 1.0
+RATE_PER_S = 80.0
 WATCHDOG_S = 0.1
+# The test node plays ticks far faster than 80 Hz; tests of the arithmetic lift the per-second
+# rate limit (the per-command limit stays) so that it never binds there. The per-second limit
+# has its own tests against the defaults.
+FAST = {"max_delta_per_s": 1e5, "gripper_max_delta_per_s": 1e5}
 
 
 class Command:
@@ -267,6 +276,9 @@ class Harness:
         msg.twist.angular.z = values[3]
         self.teleop_pub.publish(msg)
 
+    def release_estop(self, reason: str) -> list[Any]:
+        return self.set_parameters(estop_release=reason)
+
     def estop(self, latch: bool) -> Any:
         from std_srvs.srv import SetBool
 
@@ -289,7 +301,7 @@ class Harness:
 
 @pytest.fixture
 def harness(start: Any, rclpy_context: Any) -> Any:
-    safety = start("safety")
+    safety = start("safety", **FAST)
     h = Harness(rclpy_context)
     try:
         h.wait_ready()
@@ -382,12 +394,12 @@ def test_bad_actions_never_reach_the_command_topic(harness: Harness) -> None:
     mark = harness.mark()
     harness.step([0.2, 0.2, 0.2, 0.2])  # a known previous command
     for base, residual, names, extra, rejected in BAD_STREAM:
-        stamp = harness.tick(base, residual, names=names, extra_points=extra, tag="bad")
+        stamp = harness.tick(base, residual, names=names, extra_points=extra, tag="bad@1")
         sent[stamp] = np.asarray([*base, 0, 0, 0, 0][:4], dtype=np.float64)
         expected_rejects += rejected
         if not rejected:
             cmd = harness.wait_command(
-                answers(stamp, "bad"),
+                answers(stamp, "bad@1"),
                 timeout=REPLY_TIMEOUT,
                 mark=mark,
             )
@@ -399,7 +411,7 @@ def test_bad_actions_never_reach_the_command_topic(harness: Harness) -> None:
     harness.step([0.0, 0.0, 0.0, 0.0])  # flush: everything before it has been handled
     for cmd in harness.since(mark):
         assert_command_safe(cmd)
-        if cmd.frame_id == "bad":
+        if cmd.frame_id == "bad@1":
             assert cmd.stamp_ns in sent
     status = harness.wait_status(
         lambda s: s["rejected"] >= rejected_before + expected_rejects, timeout=3.0
@@ -446,16 +458,16 @@ def test_hypothesis_action_streams_only_give_safe_commands(harness: Harness) -> 
             harness.publish_state(stamp)
             harness.obs_pub.publish(harness._vector(np.zeros(3), stamp))
             harness.publish_action(
-                stamp, base, residual, names=names, extra_points=extra, tag="hypothesis"
+                stamp, base, residual, names=names, extra_points=extra, tag="hypothesis@1"
             )
             sent[stamp] = np.asarray((list(base) + [0.0] * 4)[:4], dtype=np.float64)
         flush = harness.step([0.0, 0.0, 0.0, 0.0]).stamp_ns
         sent[flush] = np.zeros(4)
         new = harness.since(mark)
-        state["prev"] = check_stream(new, sent, state["prev"], tags=(TAG, "hypothesis"))
+        state["prev"] = check_stream(new, sent, state["prev"], tags=(TAG, "hypothesis@1"))
         state["examples"] += 1
         state["sent"] += len(stream)
-        state["published"] += sum(1 for c in new if c.frame_id == "hypothesis")
+        state["published"] += sum(1 for c in new if c.frame_id == "hypothesis@1")
 
     run()
     print(
@@ -536,12 +548,19 @@ def test_estop_latches_a_hold_until_released(harness: Harness) -> None:
     assert status["state"] == "holding" and status["reason"] == "estop"
     time.sleep(0.25)  # let the teleop message go stale
     after = harness.status_mark()
-    assert harness.estop(False).success
+    refused = harness.estop(False)  # SetBool false releases nothing
+    assert not refused.success and "estop_release" in refused.message
+    cmd = harness.step([0.3, 0.0, -0.2, 0.7])
+    assert cmd.frame_id == "hold:estop"
+    assert not harness.release_estop("   ")[0].successful  # a release must say why
+    results = harness.release_estop("test: released on purpose")
+    assert all(r.successful for r in results), [r.reason for r in results]
     cmd = harness.step([0.3, 0.0, -0.2, 0.7])
     assert cmd.frame_id == TAG
     np.testing.assert_allclose(cmd.position, [0.3, 0.0, -0.2, 0.7])
     status = harness.wait_status(lambda s: not s["estop"], timeout=3.0, after=after)
-    assert status["estop_latches"] == 1
+    assert status["estop_latches"] == 1 and status["estop_releases"] == 1
+    assert status["last_estop_release"] == "test: released on purpose"
 
 
 # ---------------------------------------------------------------------------- (e)
@@ -604,7 +623,7 @@ def test_invalid_parameter_values_are_refused(harness: Harness) -> None:
 
 def test_single_threaded_executor_serves_the_same(start: Any, rclpy_context: Any) -> None:
     """The fallback executor: actions pass, a stopped policy gets held."""
-    safety = start("safety", executor="single")
+    safety = start("safety", executor="single", **FAST)
     h = Harness(rclpy_context)
     try:
         h.wait_ready()
@@ -638,4 +657,222 @@ def test_ctrl_c_sends_a_last_hold_and_exits_cleanly(start: Any, rclpy_context: A
         assert last is not None
         np.testing.assert_array_equal(last.position, [0.0, 0.0, 0.0, 0.4])
     finally:
+        h.close()
+
+
+# ---------------------------------------------------------------------------- issue 12
+
+
+@pytest.fixture
+def defaults(start: Any, rclpy_context: Any) -> Any:
+    """A safety node with the shipped defaults (config/safety.yaml), per-second rate included."""
+    safety = start("safety")
+    h = Harness(rclpy_context)
+    try:
+        h.wait_ready()
+        yield h
+        assert safety.alive(), "safety node died during the test"
+    finally:
+        h.close()
+
+
+def test_a_future_stamped_action_locks_nothing_out(harness: Harness) -> None:
+    """Finding 1: one action stamped an hour ahead used to lock the policy out."""
+    harness.step([0.1, 0.0, 0.0, 0.0])
+    hour_ns = 3600 * 1_000_000_000
+    harness.publish_action(harness.stamp_ns + hour_ns, [0.5, 0.5, 0.5, 0.5], [0, 0, 0, 0])
+    cmd = harness.step([0.2, 0.0, 0.0, 0.0])  # answered at once
+    assert cmd.frame_id == TAG
+    np.testing.assert_allclose(cmd.position, [0.2, 0.0, 0.0, 0.0])
+    # A forged observation an hour ahead: the next real observation is followed at once.
+    harness.obs_pub.publish(harness._vector(np.zeros(3), harness.stamp_ns + hour_ns))
+    cmd = harness.step([0.3, 0.0, 0.0, 0.0])
+    assert cmd.frame_id == TAG
+    for c in harness.since(0):
+        assert c.stamp_ns < harness.stamp_ns + hour_ns or c.frame_id.startswith("hold:")
+    status = harness.wait_status(lambda s: s["rejected_reasons"]["future"] >= 1, timeout=3.0)
+    assert status["rejected_reasons"]["future"] == 1
+
+
+def test_reserved_and_foreign_frame_ids_are_refused(harness: Harness) -> None:
+    """Finding 2: actions tagged 'teleop' or 'hold:*' were relayed as moving commands."""
+    harness.step([0.1, 0.0, 0.0, 0.0])
+    mark = harness.mark()
+    tags = ["teleop", "hold:estop", "hold:watchdog", "", "not a tag", "m@1+r@2+x@3"]
+    for tag in tags:
+        harness.tick([0.6, 0.6, 0.0, 0.0], tag=tag)
+    harness.step([0.0, 0.0, 0.0, 0.0])  # flush
+    for c in harness.since(mark):
+        assert c.frame_id == TAG or c.frame_id == "hold:watchdog", c.frame_id
+        assert c.frame_id != "hold:watchdog" or np.all(c.position[:3] == 0.0)
+    status = harness.wait_status(lambda s: s["rejected_reasons"]["tag"] >= len(tags), timeout=3.0)
+    assert status["rejected_reasons"]["tag"] == len(tags)
+    assert status["last_rejection"]["reason"] == "tag"
+    assert "version tag" in status["last_rejection"]["detail"]
+
+
+def test_a_flood_is_rate_limited_per_time_and_per_observation(defaults: Harness) -> None:
+    """Finding 3: a 2 kHz flood swung the command from -1 to +1 inside one tick."""
+    h = defaults
+    h.step([0.0, 0.0, 0.0, 0.0])
+    # Many actions for one observation: one command.
+    mark = h.mark()
+    stamp = h.next_stamp()
+    h.publish_state(stamp)
+    h.obs_pub.publish(h._vector(np.zeros(3), stamp))
+    for k in range(50):
+        h.publish_action(stamp, [(-1.0) ** k, 0.0, 0.0, 0.0], [0, 0, 0, 0])
+    h.step([0.0, 0.0, 0.0, 0.0])  # flush
+    answered = [c for c in h.since(mark) if c.stamp_ns == stamp and c.frame_id == TAG]
+    assert len(answered) == 1, len(answered)
+    # An observation and an action each, as fast as this process can publish them.
+    time.sleep(0.05)
+    mark = h.mark()
+    for k in range(300):
+        stamp = h.next_stamp()
+        h.obs_pub.publish(h._vector(np.zeros(3), stamp))
+        h.publish_action(stamp, [(-1.0) ** k, 0.0, 0.0, 0.0], [0, 0, 0, 0])
+    h.publish_state(h.stamp_ns)
+    assert h.wait_command(lambda c: c.stamp_ns == h.stamp_ns, timeout=REPLY_TIMEOUT, mark=mark)
+    flood = [c for c in h.since(mark) if c.frame_id == TAG]
+    assert len(flood) >= 20, len(flood)
+    xs = np.array([c.position[0] for c in flood])
+    travelled = float(np.abs(np.diff(xs)).sum())
+    span = flood[-1].received - flood[0].received
+    # Receive times lag send times by a jittery amount: allow 20 ms of it.
+    allowed = RATE + RATE_PER_S * (span + 0.02)
+    print(f"\nflood: {len(flood)} commands in {span * 1e3:.1f} ms, x travelled {travelled:.2f}")
+    assert travelled <= allowed, (travelled, allowed, span)
+    assert np.all(np.abs(np.diff(xs)) <= RATE + 1e-9)
+
+
+def test_limits_can_only_be_tightened_and_the_estop_needs_an_explicit_release(
+    defaults: Harness,
+) -> None:
+    """Finding 4: every limit could be relaxed through set_parameters; anyone released the
+    e-stop."""
+    h = defaults
+    relax: list[dict[str, Any]] = [
+        {"delta": 0.5},
+        {"delta": 100.0},
+        {"action_high": [100.0, 1.0, 1.0, 1.0]},
+        {"action_low": [-1.0, -1.0, -1.0, -50.0]},
+        {"max_delta_per_tick": 2.0},
+        {"max_delta_per_s": 1e6},
+        {"watchdog_timeout_s": 60.0},
+        {"watchdog_timeout_s": 0.5},
+        {"max_action_age_s": 10.0},
+        {"teleop_timeout_s": 5.0},
+        {"workspace_enabled": False},
+        {"workspace_high": [5.0, 5.0, 5.0]},
+        {"initial_gripper": 1.0},
+        {"delta": 0.1, "watchdog_timeout_s": 0.5},  # one relaxation spoils the whole call
+    ]
+    for values in relax:
+        results = h.set_parameters(**values)
+        assert results and not all(r.successful for r in results), values
+        assert any(r.reason for r in results), values
+    cmd = h.step([0.9, 0.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0])  # still the start limits
+    np.testing.assert_allclose(cmd.position, [1.0, 0.0, 0.0, 0.0])
+    results = h.set_parameters(delta=0.5)
+    assert "hard bound" in results[0].reason and "tightened" in results[0].reason
+    # Tightening works, and so does going back up to the start value.
+    assert all(r.successful for r in h.set_parameters(action_high=[0.4, 1.0, 1.0, 1.0]))
+    time.sleep(0.02)
+    cmd = h.step([0.9, 0.0, 0.0, 0.0])
+    np.testing.assert_allclose(cmd.position, [0.4, 0.0, 0.0, 0.0])
+    assert all(r.successful for r in h.set_parameters(action_high=[1.0, 1.0, 1.0, 1.0]))
+    # The e-stop: SetBool false and an empty reason release nothing.
+    assert h.estop(True).success
+    assert not h.estop(False).success
+    assert not h.release_estop("  ")[0].successful  # a reason is required
+    h.release_estop("")  # setting it empty is no release either
+    assert h.step([0.1, 0.0, 0.0, 0.0]).frame_id == "hold:estop"
+    assert all(r.successful for r in h.release_estop("operator: test over"))
+    assert h.step([0.1, 0.0, 0.0, 0.0]).frame_id == TAG
+    status = h.wait_status(lambda s: s["estop_releases"] == 1, timeout=3.0)
+    assert status["relaxations_refused"] >= 10 and status["estop_release_refused"] >= 1
+    assert status["last_estop_release"] == "operator: test over"
+
+
+@pytest.mark.parametrize("command_source", ["safety", "rogue"])
+def test_sim_robot_obeys_only_the_safety_node(
+    start: Any, rclpy_context: Any, command_source: str
+) -> None:
+    """Finding 4: a publisher on safety/command moved the hand with the e-stop latched.
+
+    With ``command_source`` = the rogue's own name (the control case) its commands step the
+    robot: the check, not something else, is what stops them."""
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import JointState
+
+    from vlarl.ros.msgs import stamp_to_ns
+
+    start("safety", **FAST)
+    start("sim_robot", camera_rate_hz=0.0, lockstep_timeout_s=0.1, command_source=command_source)
+    h = Harness(rclpy_context)
+    rogue = Node("rogue", context=rclpy_context)
+    qos = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+    rogue_pub = rogue.create_publisher(JointState, COMMAND, qos)
+    samples: list[tuple[int, np.ndarray]] = []
+    lock = threading.Lock()
+
+    def on_state(msg: Any) -> None:
+        with lock:
+            samples.append((stamp_to_ns(msg.header.stamp), np.array(msg.position[:3])))
+
+    h.node.create_subscription(JointState, TASK_STATE, on_state, qos)
+    executor = SingleThreadedExecutor(context=rclpy_context)
+    executor.add_node(rogue)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        assert wait_until(lambda: bool(samples), timeout=60.0), "sim_robot did not come up"
+        assert wait_until(lambda: rogue_pub.get_subscription_count() >= 2, timeout=READY_TIMEOUT)
+        assert h.estop_client.wait_for_service(timeout_sec=READY_TIMEOUT)
+        assert h.param_client.wait_for_service(timeout_sec=READY_TIMEOUT)
+        assert h.estop(True).success
+        with lock:
+            first_stamp, first_hand = samples[-1]
+        # The rogue answers every sample with a full +y command, for a second (the control
+        # case: until the robot took 20 steps, discovery of the rogue's name may take a while).
+        deadline = time.monotonic() + (1.0 if command_source == "safety" else 10.0)
+        answered = 0
+        while time.monotonic() < deadline:
+            if command_source == "rogue" and len({s for s, _ in samples}) > 20:
+                break
+            with lock:
+                stamp = samples[-1][0]
+            msg = h._vector([0.0, 1.0, 0.0, 1.0], stamp)
+            msg.name = list(ACTION_NAMES)
+            rogue_pub.publish(msg)
+            answered += 1
+            time.sleep(0.005)
+        with lock:
+            newest_stamp = max(s for s, _ in samples)
+            rogue_moved = samples[-1][1] - first_hand
+        if command_source == "rogue":
+            assert newest_stamp > first_stamp and rogue_moved[1] > 0.02, rogue_moved
+            return
+        assert newest_stamp == first_stamp, "the robot stepped on a rogue command"
+        np.testing.assert_allclose(rogue_moved, 0.0, atol=1e-9)
+        # The real safety node is obeyed: release, then play perception and policy for the
+        # robot's samples (policy +y): the hand moves.
+        assert all(r.successful for r in h.release_estop("test: rogue gone"))
+        for _ in range(40):
+            with lock:
+                stamp = samples[-1][0]
+            h.obs_pub.publish(h._vector(np.zeros(3), stamp))
+            h.publish_action(stamp, [0.0, 0.5, 0.0, -1.0], [0, 0, 0, 0])
+            wait_until(lambda s=stamp: samples[-1][0] > s, timeout=REPLY_TIMEOUT, interval=0.001)
+        with lock:
+            moved = samples[-1][1] - first_hand
+        print(f"\nrogue: {answered} commands ignored; via safety the hand moved {moved} m")
+        assert moved[1] > 0.02, moved
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        rogue.destroy_node()
+        spinner.join(timeout=2.0)
         h.close()

@@ -142,7 +142,7 @@ def probe(rclpy_context):
 
 
 def test_lockstep_loop_closes_through_perception(start, probe):
-    sim = start("sim_robot", max_episode_steps=60, camera_rate_hz=0.0)
+    sim = start("sim_robot", max_episode_steps=60, camera_rate_hz=0.0, command_source="probe")
     perception = start("perception", source="state")
     assert probe.spin_until(lambda: len(probe.observations) > 0, START_TIMEOUT), "no observation"
     steps = 200
@@ -201,7 +201,13 @@ def test_lockstep_loop_closes_through_perception(start, probe):
 
 def test_lockstep_waits_for_a_matching_valid_command(start, probe):
     probe.answer = False
-    start("sim_robot", camera_rate_hz=0.0, lockstep_timeout_s=0.3, use_sim_time=True)
+    start(
+        "sim_robot",
+        camera_rate_hz=0.0,
+        lockstep_timeout_s=0.3,
+        use_sim_time=True,
+        command_source="probe",
+    )
     assert probe.spin_until(lambda: len(probe.states) > 0, START_TIMEOUT)
     probe.spin_for(1.0)
     stamps = {ns(m.header.stamp) for m in probe.states}
@@ -229,7 +235,7 @@ def test_reset_service_and_task_parameter(start, probe):
     from std_srvs.srv import Trigger
 
     probe.answer = False
-    start("sim_robot", camera_rate_hz=0.0)
+    start("sim_robot", camera_rate_hz=0.0, command_source="probe")
     assert probe.spin_until(lambda: len(probe.states) > 0, START_TIMEOUT)
     for k in range(1, 4):  # three steps by hand
         probe.send(probe.states[-1].header.stamp)
@@ -255,7 +261,7 @@ def test_reset_service_and_task_parameter(start, probe):
 
 def test_camera_rate_and_image_perception(start, probe):
     rate = 2.0  # low enough that a loaded 2-core machine renders every frame (~0.1-0.5 s each)
-    start("sim_robot", camera_rate_hz=rate, mode="realtime")
+    start("sim_robot", camera_rate_hz=rate, mode="realtime", command_source="probe")
     start("perception", source="image")
     probe.answer = False
     assert probe.spin_until(lambda: len(probe.images) >= 2, START_TIMEOUT), "no camera images"

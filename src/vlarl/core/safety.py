@@ -4,17 +4,28 @@ Every command the robot receives comes out of :class:`SafetyFilter`. It
 
 - validates input (shape, numeric dtype, finiteness): NaN/inf or malformed arrays are rejected
   and counted, never passed on;
-- drops stale and out-of-order actions (older than the newest command already issued, or older
-  than ``max_action_age_s`` relative to the newest observation);
+- checks provenance: a policy action must carry a policy version tag (``model@version`` or
+  ``model@version+residual@version``); ``teleop``, ``hold:*`` and anything else are refused;
+- checks the stamp against the robot's newest observation (the one received last): an action
+  older than ``max_action_age_s`` or ahead by more than ``max_action_lead_s`` (a small tolerance
+  for an action overtaking its observation) is refused, so no single stamp can lock the policy
+  out; at most one moving command answers an observation (a republished observation, as the
+  lock-stepped simulator sends when it got no command, may be answered once more);
 - clamps the residual to ``[-delta, +delta]``, clips base + residual to the action bounds,
-  limits the per-tick change of the command, and zeroes any xyz component that would push the
-  end effector further outside the workspace box (or every xyz component while the
-  end-effector position is unknown). Stopping (zero xyz) is never rate limited;
-- holds the robot when no fresh action arrived within ``watchdog_timeout_s`` (watchdog) or while
-  an e-stop is latched. A hold is zero xyz motion plus the last gripper command, so an object
-  in the gripper is not dropped;
+  limits the change of the command per unit of time (a budget per component refilled at
+  ``max_delta_per_s`` and capped at ``max_delta_per_tick``, monotonic time: a flood of actions
+  cannot move the command faster), and zeroes any xyz component that would push the end
+  effector further outside the workspace box (or every xyz component while the end-effector
+  position is unknown). Stopping (zero xyz) is never rate limited;
+- holds the robot when no fresh action arrived within ``watchdog_timeout_s`` (watchdog, at most
+  ``MAX_WATCHDOG_TIMEOUT_S``: it cannot be disabled) or while an e-stop is latched; the e-stop is
+  released only by :meth:`SafetyFilter.release_estop` with a stated reason. A hold is zero xyz
+  motion plus the last gripper command, so an object in the gripper is not dropped;
 - lets a fresh teleoperation command override the policy (intervention), through the same
   bounds, rate limit and workspace checks.
+
+The limits a filter starts with are its hard envelope: :meth:`SafetyFilter.reconfigure` accepts
+new limits only if they are as strict or stricter (:meth:`SafetyConfig.relaxations`).
 
 All times given to the filter (``now``) are monotonic seconds; stamps are integer nanoseconds
 of the observation an action answers. The filter never logs and allocates little per tick.
@@ -23,7 +34,9 @@ of the observation an action answers. The filter never logs and allocates little
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
+from operator import ge, le
 from typing import Any
 
 import numpy as np
@@ -53,7 +66,58 @@ REJECT_MALFORMED = "malformed"
 REJECT_NONFINITE = "nonfinite"
 REJECT_OUT_OF_ORDER = "out_of_order"
 REJECT_STALE = "stale"
-REJECT_REASONS = (REJECT_MALFORMED, REJECT_NONFINITE, REJECT_OUT_OF_ORDER, REJECT_STALE)
+REJECT_FUTURE = "future"
+REJECT_REPEATED = "repeated"
+REJECT_NO_OBSERVATION = "no_observation"
+REJECT_TAG = "tag"
+REJECT_REASONS = (
+    REJECT_MALFORMED,
+    REJECT_NONFINITE,
+    REJECT_OUT_OF_ORDER,
+    REJECT_STALE,
+    REJECT_FUTURE,
+    REJECT_REPEATED,
+    REJECT_NO_OBSERVATION,
+    REJECT_TAG,
+)
+REJECT_HELP = {
+    REJECT_MALFORMED: "not 4 numbers (base and residual) with the action joint names",
+    REJECT_NONFINITE: "NaN or infinite value",
+    REJECT_OUT_OF_ORDER: "older than a command already issued for a newer observation",
+    REJECT_STALE: "stamped more than max_action_age_s before the newest observation",
+    REJECT_FUTURE: "stamped more than max_action_lead_s after the newest observation",
+    REJECT_REPEATED: "this observation was already answered by a command",
+    REJECT_NO_OBSERVATION: "no observation received yet",
+    REJECT_TAG: "frame_id is not a policy version tag (model@version[+residual@version])",
+}
+"""Why each reject reason refuses an input (status and log text)."""
+
+MAX_WATCHDOG_TIMEOUT_S = 1.0
+"""The watchdog can be shortened, never lengthened beyond this, nor switched off."""
+ACTION_LIMIT = 1.0
+"""The robot's action space is [-1, 1] per component: no bound may lie outside it."""
+
+TELEOP_TAG = "teleop"
+HOLD_TAG_PREFIX = "hold:"
+_TAG_FORM = "model@version[+residual@version]"
+_TAG_PART = r"[^\s@+|]{1,100}@(0|[1-9][0-9]{0,17})"
+_VERSION_TAG = re.compile(rf"{_TAG_PART}(\+{_TAG_PART})?")
+
+
+def check_version_tag(tag: str) -> str | None:
+    """None if ``tag`` is a policy version tag ``model@version[+residual@version]``, else why not.
+
+    ``teleop`` and ``hold:<reason>`` are the safety node's own tags and are reserved: an action
+    carrying them would be filed as an intervention or a hold downstream.
+    """
+    if tag == TELEOP_TAG or tag.startswith(HOLD_TAG_PREFIX):
+        return f"frame_id {tag[:40]!r} is reserved for the safety node's own commands"
+    if _VERSION_TAG.fullmatch(tag) is None or tag.split("@", 1)[0] == TELEOP_TAG:
+        return (
+            f"frame_id {tag[:40]!r} is not a policy version tag (model@version[+residual@version])"
+        )
+    return None
+
 
 _XYZ = slice(0, 3)
 _GRIPPER = 3
@@ -83,9 +147,14 @@ class SafetyConfig:
     action_high: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     """Upper bound of each command component (dx, dy, dz, gripper)."""
     max_delta_per_tick: float = 1.0
-    """Largest change of dx, dy, dz between two consecutive commands."""
+    """Largest change of dx, dy, dz between two consecutive commands (the burst)."""
     gripper_max_delta_per_tick: float = 2.0
-    """Largest change of the gripper command per tick (2.0 spans [-1, 1]: no limit)."""
+    """Largest change of the gripper command per command (2.0 spans [-1, 1]: no limit)."""
+    max_delta_per_s: float = 80.0
+    """Sustained rate limit of dx, dy, dz per second of monotonic time (80 = 1.0 per 12.5 ms
+    tick): the change budget refills at this rate up to ``max_delta_per_tick``."""
+    gripper_max_delta_per_s: float = 160.0
+    """Sustained rate limit of the gripper command per second (160 = 2.0 per 12.5 ms tick)."""
     workspace_enabled: bool = True
     """Enforce the workspace box on the end-effector position (needs a fresh position)."""
     workspace_low: tuple[float, ...] = (-0.55, 0.35, 0.02)
@@ -96,16 +165,18 @@ class SafetyConfig:
     """An end-effector position older than this is unknown: no xyz motion while unknown."""
     max_action_age_s: float = 0.1
     """Reject an action whose stamp is older than the newest observation by more than this."""
+    max_action_lead_s: float = 0.05
+    """Reject an action stamped ahead of the newest observation by more than this (an action may
+    overtake its observation on the way; one from the future must not block later ones)."""
     watchdog_timeout_s: float = 0.1
-    """Hold when no fresh action was accepted for this long (monotonic time)."""
+    """Hold when no fresh action was accepted for this long (monotonic time; at most
+    MAX_WATCHDOG_TIMEOUT_S)."""
     hold_period_s: float = 0.05
     """While holding, a hold command goes out at least this often (besides one per observation)."""
     teleop_timeout_s: float = 0.2
     """Teleoperation overrides the policy while its newest message is younger than this."""
     initial_gripper: float = -1.0
     """Gripper command assumed before the first command (Meta-World resets the gripper open)."""
-    stamp_reset_s: float = 1.0
-    """An observation this much older than the newest one means its clock restarted."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -117,13 +188,15 @@ class SafetyConfig:
             "delta",
             "max_delta_per_tick",
             "gripper_max_delta_per_tick",
+            "max_delta_per_s",
+            "gripper_max_delta_per_s",
             "ee_timeout_s",
             "max_action_age_s",
+            "max_action_lead_s",
             "watchdog_timeout_s",
             "hold_period_s",
             "teleop_timeout_s",
             "initial_gripper",
-            "stamp_reset_s",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -140,22 +213,38 @@ class SafetyConfig:
                 raise ValueError(f"action_low[{i}]={lo} must be < action_high[{i}]={hi}")
             if not lo <= 0.0 <= hi and i < 3:
                 raise ValueError(f"action bounds of component {i} must contain 0 (the hold)")
+            if lo < -ACTION_LIMIT or hi > ACTION_LIMIT:
+                raise ValueError(
+                    f"action bounds of component {i} must lie within the robot's action space "
+                    f"[-{ACTION_LIMIT:g}, {ACTION_LIMIT:g}], got [{lo:g}, {hi:g}]"
+                )
         for i, (lo, hi) in enumerate(zip(self.workspace_low, self.workspace_high, strict=True)):
             if not lo < hi:
                 raise ValueError(f"workspace_low[{i}]={lo} must be < workspace_high[{i}]={hi}")
-        for name in ("max_delta_per_tick", "gripper_max_delta_per_tick"):
-            if getattr(self, name) <= 0.0:
-                raise ValueError(f"{name} must be > 0")
         for name in (
+            "max_delta_per_tick",
+            "gripper_max_delta_per_tick",
+            "max_delta_per_s",
+            "gripper_max_delta_per_s",
             "ee_timeout_s",
             "max_action_age_s",
+            "max_action_lead_s",
             "watchdog_timeout_s",
             "hold_period_s",
             "teleop_timeout_s",
-            "stamp_reset_s",
         ):
             if getattr(self, name) <= 0.0:
                 raise ValueError(f"{name} must be > 0")
+        if self.watchdog_timeout_s > MAX_WATCHDOG_TIMEOUT_S:
+            raise ValueError(
+                f"watchdog_timeout_s={self.watchdog_timeout_s:g} exceeds "
+                f"{MAX_WATCHDOG_TIMEOUT_S:g} s: the watchdog cannot be disabled"
+            )
+        if self.max_action_lead_s >= self.watchdog_timeout_s:
+            raise ValueError(
+                "max_action_lead_s must be shorter than watchdog_timeout_s (an action stamped "
+                "ahead must not hold later ones back for a whole watchdog period)"
+            )
         if not self.action_low[_GRIPPER] <= self.initial_gripper <= self.action_high[_GRIPPER]:
             raise ValueError("initial_gripper must lie within the gripper's action bounds")
 
@@ -169,6 +258,48 @@ class SafetyConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def relaxations(self, envelope: SafetyConfig) -> list[str]:
+        """Each way this config is less strict than ``envelope`` (empty: within it).
+
+        Strict means: smaller residual bound, narrower action bounds, smaller rate limits, a
+        workspace box inside the envelope's (and not switched off), shorter timeouts and age
+        limits, holds at least as often, the same initial gripper.
+        """
+        out: list[str] = []
+        for name in _NOT_LARGER:
+            value, bound = getattr(self, name), getattr(envelope, name)
+            if value > bound:
+                out.append(f"{name}={value:g} exceeds its hard bound {bound:g}")
+        for name, tighter in (
+            ("action_low", ge),
+            ("action_high", le),
+            ("workspace_low", ge),
+            ("workspace_high", le),
+        ):
+            value, bound = getattr(self, name), getattr(envelope, name)
+            if not all(map(tighter, value, bound)):
+                out.append(f"{name}={list(value)} lies outside its hard bound {list(bound)}")
+        if envelope.workspace_enabled and not self.workspace_enabled:
+            out.append("workspace_enabled cannot be switched off")
+        if self.initial_gripper != envelope.initial_gripper:
+            out.append("initial_gripper is fixed at start")
+        return out
+
+
+_NOT_LARGER = (
+    "delta",
+    "max_delta_per_tick",
+    "gripper_max_delta_per_tick",
+    "max_delta_per_s",
+    "gripper_max_delta_per_s",
+    "ee_timeout_s",
+    "max_action_age_s",
+    "max_action_lead_s",
+    "watchdog_timeout_s",
+    "hold_period_s",
+    "teleop_timeout_s",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,9 +324,9 @@ class Decision:
     def frame_id(self, version_tag: str = "") -> str:
         """header.frame_id of the command: the version tag, 'teleop' or 'hold:<reason>'."""
         if self.source == HOLD:
-            return f"hold:{self.reason}"
+            return f"{HOLD_TAG_PREFIX}{self.reason}"
         if self.source == TELEOP:
-            return "teleop"
+            return TELEOP_TAG
         return version_tag
 
 
@@ -227,6 +358,12 @@ class SafetyCounters:
     """Times the watchdog tripped (once per trip, not per hold command)."""
     estop_latches: int = 0
     """Times an e-stop was latched."""
+    estop_releases: int = 0
+    """Times a latched e-stop was released (each with a logged reason)."""
+    estop_release_refused: int = 0
+    """Release attempts refused (no reason given, or nothing latched)."""
+    relaxations_refused: int = 0
+    """Reconfigurations refused because they would loosen a limit beyond its hard bound."""
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -267,10 +404,22 @@ class SafetyFilter:
     :meth:`observe` (new observation), :meth:`teleop` (teleoperation message),
     :meth:`update_ee_position` (end-effector position), and :meth:`check` from a timer.
     Every method that returns a :class:`Decision` with a command expects it to be published.
+    ``envelope`` (default: ``config``) holds the hard bounds that :meth:`reconfigure` never
+    loosens.
     """
 
-    def __init__(self, config: SafetyConfig | None = None, *, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        config: SafetyConfig | None = None,
+        *,
+        now: float = 0.0,
+        envelope: SafetyConfig | None = None,
+    ) -> None:
         self.config = config or SafetyConfig()
+        self.envelope = envelope or self.config
+        relaxed = self.config.relaxations(self.envelope)
+        if relaxed:
+            raise ValueError("; ".join(relaxed))
         self.counters = SafetyCounters()
         self._prev = np.zeros(ACTION_DIM)
         self._prev[_GRIPPER] = self.config.initial_gripper
@@ -279,6 +428,8 @@ class SafetyFilter:
         self._residual = np.zeros(ACTION_DIM)
         self._lo = np.zeros(ACTION_DIM)
         self._hi = np.zeros(ACTION_DIM)
+        self._budget = np.zeros(ACTION_DIM)
+        self._budget_time: float | None = None
         self._teleop_cmd = np.zeros(ACTION_DIM)
         self._ee = [0.0, 0.0, 0.0]
         self._ee_time: float | None = None
@@ -288,7 +439,8 @@ class SafetyFilter:
         self._tripped = False
         self._estop = False
         self._newest_obs_ns: int | None = None
-        self._last_issued_ns: int | None = None
+        self._last_moving_ns: int | None = None  # stamp of the last policy/teleop command
+        self.last_release_reason = ""
         self._apply_config()
 
     # ----------------------------------------------------------------- configuration
@@ -296,24 +448,38 @@ class SafetyFilter:
         cfg = self.config
         self._low = np.asarray(cfg.action_low, dtype=np.float64)
         self._high = np.asarray(cfg.action_high, dtype=np.float64)
-        self._rate = np.full(ACTION_DIM, cfg.max_delta_per_tick)
-        self._rate[_GRIPPER] = cfg.gripper_max_delta_per_tick
+        self._burst = np.full(ACTION_DIM, cfg.max_delta_per_tick)
+        self._burst[_GRIPPER] = cfg.gripper_max_delta_per_tick
+        self._refill = np.full(ACTION_DIM, cfg.max_delta_per_s)
+        self._refill[_GRIPPER] = cfg.gripper_max_delta_per_s
+        np.minimum(self._budget, self._burst, out=self._budget)
         self._delta_low = np.full(ACTION_DIM, -cfg.delta)
         self._delta_high = np.full(ACTION_DIM, cfg.delta)
         self._max_age_ns = round(cfg.max_action_age_s * 1e9)
-        self._reset_ns = round(cfg.stamp_reset_s * 1e9)
+        self._max_lead_ns = round(cfg.max_action_lead_s * 1e9)
         # The previous command must lie within the (new) bounds for the rate limit to be
         # satisfiable at the next tick; holds are zero xyz, which the bounds contain.
         _clip(self._prev, self._low, self._high, self._prev)
 
     def reconfigure(self, config: SafetyConfig) -> None:
-        """Switch to new limits (already validated by SafetyConfig)."""
+        """Switch to new limits (validated by SafetyConfig) within the hard envelope.
+
+        Raises ValueError naming every limit that would be loosened beyond its hard bound.
+        """
+        relaxed = config.relaxations(self.envelope)
+        if relaxed:
+            self.counters.relaxations_refused += 1
+            raise ValueError(
+                "; ".join(relaxed) + " (limits are fixed at start and may only be tightened)"
+            )
         self.config = config
         self._apply_config()
 
     def start(self, now: float) -> None:
         """Arm the watchdog: the first action must arrive within the timeout of ``now``."""
         self._last_fresh = now
+        self._budget[:] = self._burst
+        self._budget_time = now
 
     # ----------------------------------------------------------------- state
     @property
@@ -364,6 +530,7 @@ class SafetyFilter:
             "state": "holding" if held else "ok",
             "reason": self.hold_reason,
             "estop": self._estop,
+            "last_estop_release": self.last_release_reason,
             "teleop": teleop,
             "ee_known": self.ee_position_known(now),
             **self.counters.as_dict(),
@@ -393,30 +560,41 @@ class SafetyFilter:
         self._teleop_time = now
         return True
 
-    def estop(self, latch: bool, *, now: float) -> Decision | None:
-        """Latch (True) or release (False) the e-stop; latching returns an immediate hold."""
-        if latch:
-            if not self._estop:
-                self.counters.estop_latches += 1
-            self._estop = True
-            return self._hold(HOLD_ESTOP, self._hold_stamp(), now)
+    def latch_estop(self, *, now: float) -> Decision:
+        """Latch the e-stop: an immediate hold, and holds until :meth:`release_estop`."""
+        if not self._estop:
+            self.counters.estop_latches += 1
+        self._estop = True
+        return self._hold(HOLD_ESTOP, self._hold_stamp(), now)
+
+    def release_estop(self, reason: str) -> str | None:
+        """Release a latched e-stop, stating why (logged by the caller); None, or why refused."""
+        reason = reason.strip()
+        refusal = None
+        if not self._estop:
+            refusal = "no e-stop is latched"
+        elif not reason:
+            refusal = "a release must state a reason (who and why)"
+        if refusal is not None:
+            self.counters.estop_release_refused += 1
+            return refusal
         self._estop = False
+        self.counters.estop_releases += 1
+        self.last_release_reason = reason[:200]
         return None
 
     def observe(self, stamp_ns: int, *, now: float) -> Decision | None:
-        """A new observation: remember its stamp; while the watchdog holds, answer it.
+        """A new observation: the robot's current stamp; while the watchdog holds, answer it.
 
-        An observation more than ``stamp_reset_s`` older than the newest one means the source
-        clock restarted (e.g. the simulator was restarted): the stamps seen so far are
-        forgotten, otherwise every later action would be rejected as out of order.
+        The newest observation is the one received last: the robot's stamps only increase, so
+        an older one means its clock restarted (or the one before was forged) and is followed
+        at once. A repeat of an observation already answered (the lock-stepped simulator
+        republishes a sample it got no command for) may be answered once more.
         """
-        newest = self._newest_obs_ns
-        if newest is not None and newest - stamp_ns > self._reset_ns:
-            self._newest_obs_ns = stamp_ns
-            self._last_issued_ns = None
-        elif newest is None or stamp_ns > newest:
-            self._newest_obs_ns = stamp_ns
-        if self._tripped and (self._last_issued_ns is None or stamp_ns >= self._last_issued_ns):
+        self._newest_obs_ns = stamp_ns
+        if self._last_moving_ns is not None and self._last_moving_ns >= stamp_ns:
+            self._last_moving_ns = stamp_ns - 1
+        if self._tripped:
             return self._tick(stamp_ns, now)
         return None
 
@@ -440,18 +618,32 @@ class SafetyFilter:
         """The last command before the node goes away: a hold."""
         return self._hold(HOLD_SHUTDOWN, self._hold_stamp(), now)
 
-    def filter(self, base: Any, residual: Any, *, stamp_ns: int, now: float) -> Decision:
-        """A policy action for the observation stamped ``stamp_ns``: the command, or a reject."""
+    def filter(
+        self, base: Any, residual: Any, *, stamp_ns: int, now: float, tag: str | None = None
+    ) -> Decision:
+        """A policy action for the observation stamped ``stamp_ns``: the command, or a reject.
+
+        ``tag`` is the action's version tag (its frame_id), checked with
+        :func:`check_version_tag`; in-process callers without one pass None.
+        """
+        if tag is not None and check_version_tag(tag) is not None:
+            return self._reject(REJECT_TAG, stamp_ns)
         checked_base = check_action(base)
         if isinstance(checked_base, str):
             return self._reject(checked_base, stamp_ns)
         checked_residual = check_action(residual)
         if isinstance(checked_residual, str):
             return self._reject(checked_residual, stamp_ns)
-        if self._last_issued_ns is not None and stamp_ns < self._last_issued_ns:
-            return self._reject(REJECT_OUT_OF_ORDER, stamp_ns)
-        if self._newest_obs_ns is not None and self._newest_obs_ns - stamp_ns > self._max_age_ns:
+        newest = self._newest_obs_ns
+        if newest is None:
+            return self._reject(REJECT_NO_OBSERVATION, stamp_ns)
+        if stamp_ns - newest > self._max_lead_ns:
+            return self._reject(REJECT_FUTURE, stamp_ns)
+        if newest - stamp_ns > self._max_age_ns:
             return self._reject(REJECT_STALE, stamp_ns)
+        last = self._last_moving_ns
+        if last is not None and stamp_ns <= last:
+            return self._reject(REJECT_REPEATED if stamp_ns == last else REJECT_OUT_OF_ORDER)
         # Fresh: the policy is alive.
         self._last_fresh = now
         self._tripped = False
@@ -470,18 +662,21 @@ class SafetyFilter:
 
     # ----------------------------------------------------------------- internals
     def _hold_stamp(self) -> int:
-        """Stamp for an unsolicited output: the newest observation (never going backwards)."""
-        stamp = self._newest_obs_ns if self._newest_obs_ns is not None else 0
-        if self._last_issued_ns is not None and stamp < self._last_issued_ns:
-            stamp = self._last_issued_ns
-        return stamp
+        """Stamp for an unsolicited output: the newest observation's."""
+        return self._newest_obs_ns if self._newest_obs_ns is not None else 0
 
-    def _tick(self, stamp_ns: int | None, now: float) -> Decision:
-        """Output for a tick without a (fresh) policy action: e-stop hold, teleop or hold."""
+    def _tick(self, stamp_ns: int | None, now: float) -> Decision | None:
+        """Output for a tick without a (fresh) policy action: e-stop hold, teleop or hold.
+
+        Teleoperation answers each observation once; between observations the timer sends
+        nothing while it drives.
+        """
         stamp = self._hold_stamp() if stamp_ns is None else stamp_ns
         if self._estop:
             return self._hold(HOLD_ESTOP, stamp, now)
         if self.teleop_active(now):
+            if self._last_moving_ns is not None and stamp <= self._last_moving_ns:
+                return None
             return self._teleop_command(stamp, now)
         return self._hold(HOLD_WATCHDOG, stamp, now)
 
@@ -499,13 +694,28 @@ class SafetyFilter:
         clipped = cmd.tolist()
         if clipped != before:
             flags |= BOUNDS_CLIPPED
-        np.subtract(self._prev, self._rate, out=self._lo)
-        np.add(self._prev, self._rate, out=self._hi)
+        # The change budget: refilled with the time since the last moving command, capped at
+        # one burst; a command may change each component by at most what is left.
+        budget = self._budget
+        if self._budget_time is None:
+            budget[:] = self._burst
+        else:
+            elapsed = max(0.0, now - self._budget_time)
+            np.multiply(self._refill, elapsed, out=self._tmp)
+            np.add(budget, self._tmp, out=budget)
+            np.minimum(budget, self._burst, out=budget)
+        self._budget_time = now
+        np.subtract(self._prev, budget, out=self._lo)
+        np.add(self._prev, budget, out=self._hi)
         _clip(cmd, self._lo, self._hi, cmd)
         if cmd.tolist() != clipped:
             flags |= RATE_LIMITED
-        # Rounding in prev +- rate must not leave the bounds.
+        # Rounding in prev +- budget must not leave the bounds.
         _clip(cmd, self._low, self._high, cmd)
+        np.subtract(cmd, self._prev, out=self._tmp)
+        np.abs(self._tmp, out=self._tmp)
+        np.subtract(budget, self._tmp, out=budget)
+        np.maximum(budget, 0.0, out=budget)
         # Zeroing xyz (stopping) is never rate limited, like a hold.
         if self.config.workspace_enabled:
             flags |= self._workspace(cmd, now)
@@ -549,12 +759,12 @@ class SafetyFilter:
             counters.teleop_commands += 1
         else:
             counters.holds += 1
+        if source != HOLD:
+            self._last_moving_ns = stamp_ns
         if flags & CLAMP_FLAGS:
             counters.clamped += 1
         if flags & WORKSPACE_FLAGS:
             counters.workspace_limited += 1
         np.copyto(self._prev, self._cmd)
         self._last_output = now
-        if self._last_issued_ns is None or stamp_ns > self._last_issued_ns:
-            self._last_issued_ns = stamp_ns
         return Decision(self._cmd.copy(), stamp_ns, source, reason, flags)

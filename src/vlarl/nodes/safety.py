@@ -5,13 +5,18 @@ A thin ROS adapter over :class:`vlarl.core.safety.SafetyFilter`:
 - ``policy/action`` (JointTrajectory, point 0 = this tick; only point 0 is read and validated,
   the rest of the chunk never reaches the command) -> filtered ``safety/command``
   (JointState dx, dy, dz, gripper; stamp = the action's stamp; frame_id = its version tag,
-  'teleop' or 'hold:<reason>'); malformed, non-finite, stale and out-of-order actions are
-  dropped and counted;
+  'teleop' or 'hold:<reason>'); malformed, non-finite, stale, future-stamped, repeated and
+  out-of-order actions, and actions whose frame_id is not a policy version tag, are dropped and
+  counted by reason (``last_rejection`` in the status says the latest and why);
 - ``observation`` stamps: the age limit for actions, and the ticks at which the watchdog answers
   with holds (so a lock-stepped simulator keeps stepping in place);
 - ``robot/task_state`` position[0:3]: the end-effector xyz for the workspace box;
 - ``teleop/twist`` (TwistStamped): while fresh, overrides the policy (intervention);
-- a steady-clock watchdog timer; the ``safety/estop`` SetBool service latches a hold;
+- a steady-clock watchdog timer; the ``safety/estop`` SetBool service latches a hold (``false``
+  is refused: nobody releases the e-stop by accident); the release is the explicit, logged
+  operation ``ros2 param set /safety estop_release "<who: why>"``;
+- limits: the values at start (config/safety.yaml, ``--ros-args -p``) are the hard envelope;
+  ``set_parameters`` may only tighten within it, and says which bound a refused change breaks;
 - ``safety/status`` (JSON) at ``status_rate_hz`` and whenever the hold state changes.
 
 ``realtime_priority`` > 0 runs the process under SCHED_FIFO (see :mod:`vlarl.ros.realtime`).
@@ -49,11 +54,15 @@ from trajectory_msgs.msg import JointTrajectory
 
 from vlarl import topics
 from vlarl.core.safety import (
+    MAX_WATCHDOG_TIMEOUT_S,
+    REJECT_HELP,
     REJECT_MALFORMED,
     REJECT_NONFINITE,
+    REJECT_TAG,
     Decision,
     SafetyConfig,
     SafetyFilter,
+    check_version_tag,
 )
 from vlarl.ros.msgs import MessageError, action_point_from_msg, ns_to_stamp, stamp_to_ns
 from vlarl.ros.params import Param, declare
@@ -68,10 +77,15 @@ PARAMS: tuple[Param, ...] = (
     Param("action_low", list(_DEFAULTS.action_low), "lower bound of dx, dy, dz, gripper"),
     Param("action_high", list(_DEFAULTS.action_high), "upper bound of dx, dy, dz, gripper"),
     Param("max_delta_per_tick", _DEFAULTS.max_delta_per_tick,
-          "largest change of dx, dy, dz between consecutive commands", low=1e-6, high=1e6),
+          "largest change of dx, dy, dz between consecutive commands", low=1e-6, high=2.0),
     Param("gripper_max_delta_per_tick", _DEFAULTS.gripper_max_delta_per_tick,
-          "largest change of the gripper command per tick (>= its range: no limit)",
+          "largest change of the gripper command per command (>= its range: no limit)",
+          low=1e-6, high=2.0),
+    Param("max_delta_per_s", _DEFAULTS.max_delta_per_s,
+          "sustained change of dx, dy, dz per second (budget refill, capped at one burst)",
           low=1e-6, high=1e6),
+    Param("gripper_max_delta_per_s", _DEFAULTS.gripper_max_delta_per_s,
+          "sustained change of the gripper command per second", low=1e-6, high=1e6),
     Param("workspace_enabled", _DEFAULTS.workspace_enabled,
           "keep the end effector in the workspace box (needs robot/task_state)"),
     Param("workspace_low", list(_DEFAULTS.workspace_low), "workspace box lower corner xyz, m"),
@@ -81,17 +95,20 @@ PARAMS: tuple[Param, ...] = (
     Param("max_action_age_s", _DEFAULTS.max_action_age_s,
           "reject actions older than the newest observation by more than this",
           low=1e-3, high=60.0),
+    Param("max_action_lead_s", _DEFAULTS.max_action_lead_s,
+          "reject actions stamped ahead of the newest observation by more than this",
+          low=1e-4, high=MAX_WATCHDOG_TIMEOUT_S),
     Param("watchdog_timeout_s", _DEFAULTS.watchdog_timeout_s,
-          "hold when no fresh action was accepted for this long", low=1e-3, high=60.0),
+          "hold when no fresh action was accepted for this long", low=1e-3,
+          high=MAX_WATCHDOG_TIMEOUT_S),
     Param("hold_rate_hz", 1.0 / _DEFAULTS.hold_period_s,
           "minimum rate of hold commands while holding", low=0.1, high=1000.0),
     Param("teleop_timeout_s", _DEFAULTS.teleop_timeout_s,
           "teleoperation overrides the policy while younger than this", low=1e-3, high=60.0),
     Param("initial_gripper", _DEFAULTS.initial_gripper,
-          "gripper command held before the first command", low=-1.0, high=1.0),
-    Param("stamp_reset_s", _DEFAULTS.stamp_reset_s,
-          "an observation this much older than the newest means its clock restarted",
-          low=1e-3, high=3600.0),
+          "gripper command held before the first command", low=-1.0, high=1.0, read_only=True),
+    Param("estop_release", "",
+          "set to '<who: why>' to release a latched e-stop (logged); the only way to release it"),
     Param("watchdog_check_hz", 200.0, "rate of the watchdog timer (steady clock)",
           low=10.0, high=2000.0, read_only=True),
     Param("status_rate_hz", 2.0, "rate of safety/status", low=0.1, high=100.0, read_only=True),
@@ -110,15 +127,17 @@ _CONFIG_PARAMS = (
     "action_high",
     "max_delta_per_tick",
     "gripper_max_delta_per_tick",
+    "max_delta_per_s",
+    "gripper_max_delta_per_s",
     "workspace_enabled",
     "workspace_low",
     "workspace_high",
     "ee_timeout_s",
     "max_action_age_s",
+    "max_action_lead_s",
     "watchdog_timeout_s",
     "teleop_timeout_s",
     "initial_gripper",
-    "stamp_reset_s",
 )
 
 
@@ -156,9 +175,10 @@ class SafetyNode(Node):
         self.executor_kind: str = self._params["executor"]
         self.realtime_priority = int(self._params["realtime_priority"])
         now = time.monotonic()
-        self.filter = SafetyFilter(config, now=now)
+        self.filter = SafetyFilter(config, now=now)  # the start-up limits: the hard envelope
         self.filter.start(now)
         self.bad_task_state = 0
+        self.last_rejection: dict[str, Any] = {}
 
         control_qos = QoSProfile(depth=10)  # reliable, volatile: as rclpy's default publishers
         self._command_pub = self.create_publisher(JointState, topics.COMMAND, control_qos)
@@ -192,29 +212,61 @@ class SafetyNode(Node):
 
     # ----------------------------------------------------------------- parameters
     def _on_param_change(self, accepted: dict[str, Any]) -> str | None:
+        changes = config_changes(accepted)
+        release = accepted.get("estop_release", "")
+        if release and changes:
+            return "release the e-stop in a set_parameters call of its own"
+        if release:
+            return self._release_estop(release)
         try:
-            config = self.filter.config.with_changes(**config_changes(accepted))
+            config = self.filter.config.with_changes(**changes)
+            reason = check_watchdog_rate(config, self._params["watchdog_check_hz"])
+            if reason is None:
+                self.filter.reconfigure(config)  # refuses anything beyond the hard envelope
         except ValueError as exc:
-            return str(exc)
-        reason = check_watchdog_rate(config, self._params["watchdog_check_hz"])
+            reason = str(exc)
         if reason is not None:
+            self.get_logger().warning(f"parameter change refused: {reason}")
             return reason
-        self.filter.reconfigure(config)
+        self.get_logger().info(f"limits changed: {changes}")
+        return None
+
+    def _release_estop(self, reason: str) -> str | None:
+        refusal = self.filter.release_estop(reason)
+        if refusal is not None:
+            self.get_logger().warning(f"e-stop release refused: {refusal}")
+            return f"e-stop release refused: {refusal}"
+        self.get_logger().warning(f"e-stop released: {self.filter.last_release_reason}")
+        self._check_state_change()
         return None
 
     # ----------------------------------------------------------------- callbacks
     def _on_action(self, msg: JointTrajectory) -> None:
         now = time.monotonic()
         stamp_ns = stamp_to_ns(msg.header.stamp)
+        tag = msg.header.frame_id
+        refusal = check_version_tag(tag)
+        if refusal is not None:
+            self._rejected(self.filter.reject(REJECT_TAG, stamp_ns), refusal)
+            return
         try:
             base, residual = action_point_from_msg(msg)  # point 0: this tick
         except MessageError as exc:
             reason = REJECT_NONFINITE if "non-finite" in str(exc) else REJECT_MALFORMED
-            self.filter.reject(reason, stamp_ns)
+            self._rejected(self.filter.reject(reason, stamp_ns), str(exc))
             return
         decision = self.filter.filter(base, residual, stamp_ns=stamp_ns, now=now)
         if decision.command is not None:
-            self._publish(decision, msg.header.frame_id)
+            self._publish(decision, tag)
+        else:
+            self._rejected(decision, REJECT_HELP.get(decision.reason, ""))
+
+    def _rejected(self, decision: Decision, detail: str) -> None:
+        self.last_rejection = {
+            "reason": decision.reason,
+            "detail": detail[:160],
+            "stamp_ns": decision.stamp_ns,
+        }
 
     def _on_observation(self, msg: JointState) -> None:
         decision = self.filter.observe(stamp_to_ns(msg.header.stamp), now=time.monotonic())
@@ -235,11 +287,17 @@ class SafetyNode(Node):
         )
 
     def _on_estop(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
-        decision = self.filter.estop(bool(request.data), now=time.monotonic())
-        if decision is not None:
-            self._publish(decision)
-        response.success = True
-        response.message = "e-stop latched: holding" if request.data else "e-stop released"
+        if request.data:
+            self._publish(self.filter.latch_estop(now=time.monotonic()))
+            response.success = True
+            response.message = "e-stop latched: holding"
+        else:
+            self.filter.counters.estop_release_refused += 1
+            response.success = False
+            response.message = (
+                "refused: the e-stop is released only explicitly, with a reason: "
+                "ros2 param set /safety estop_release '<who: why>'"
+            )
         self.get_logger().warning(response.message)
         self._check_state_change()
         return response
@@ -270,6 +328,7 @@ class SafetyNode(Node):
     def status(self) -> dict[str, Any]:
         status = self.filter.status(time.monotonic())
         status["bad_task_state"] = self.bad_task_state
+        status["last_rejection"] = self.last_rejection
         return status
 
     def publish_status(self) -> None:

@@ -6,7 +6,12 @@ state, frame_id = task), ``joint_states`` (Sawyer joints + finger slides), ``rob
 ``camera/image_raw`` (rgb8) at ``camera_rate_hz`` (or, in lockstep with
 ``camera_every_sample``, once per sample), rendered on a background thread from a snapshot of
 the newest sample and stamped with that sample's stamp. Takes
-``safety/command`` (dx, dy, dz, gripper). ``sim_robot/reset`` (std_srvs/Trigger) ends the episode
+``safety/command`` (dx, dy, dz, gripper) from the safety node only: each message's publisher
+gid (rclpy message info) must be the gid of the one ``safety/command`` publisher of the node
+named ``command_source`` (graph API); messages from any other publisher are dropped and
+counted (``foreign``), and while two publishers claim that name none is trusted (fail closed).
+Without DDS security a node name can be forged; the check stops every other publisher.
+``sim_robot/reset`` (std_srvs/Trigger) ends the episode
 as truncated and resets; the ``task`` and ``seed`` parameters rebuild the environment.
 
 Modes:
@@ -49,6 +54,8 @@ from vlarl.topics import (
 )
 
 _NODE_NAME = "sim_robot"
+COMMAND_SOURCE = "safety"
+_GRAPH_REFRESH_S = 0.05  # at most this often, the graph is asked again for an unknown gid
 _REPORT_PERIOD_S = 10.0
 _WARN_THROTTLE_S = 2.0
 
@@ -141,10 +148,19 @@ def _params() -> list[Any]:
         Param("publish_joint_states", True, "publish joint_states every sample"),
         Param(
             "executor",
-            "events",
-            "rclpy executor: events (rclpy.experimental.EventsExecutor) "
-            "or single (SingleThreadedExecutor)",
+            "single",
+            "rclpy executor: single (SingleThreadedExecutor) or events "
+            "(rclpy.experimental.EventsExecutor); the command publisher check needs single: "
+            "rclpy 9.1's EventsExecutor cannot deliver message info",
             choices=("events", "single"),
+            read_only=True,
+        ),
+        Param(
+            "command_source",
+            COMMAND_SOURCE,
+            "name of the only node whose safety/command publisher the robot obeys (checked "
+            "per message by publisher gid); '' obeys any publisher (needs executor events "
+            "or single)",
             read_only=True,
         ),
         Param(
@@ -157,6 +173,31 @@ def _params() -> list[Any]:
             read_only=True,
         ),
     ]
+
+
+class CommandSource:
+    """Which publisher of ``safety/command`` the robot obeys: the gid of the one publisher of
+    the node called ``name`` (in the robot's namespace), looked up in the ROS graph."""
+
+    def __init__(self, node: Any, name: str) -> None:
+        self.node = node
+        self.name = name
+        self.gid: bytes | None = None
+        self._asked = -float("inf")
+
+    def refresh(self) -> None:
+        self._asked = time.monotonic()
+        gids = {
+            bytes(info.endpoint_gid)
+            for info in self.node.get_publishers_info_by_topic(COMMAND)
+            if info.node_name == self.name and info.node_namespace == self.node.get_namespace()
+        }
+        self.gid = gids.pop() if len(gids) == 1 else None  # two claimants: trust neither
+
+    def trusts(self, gid: bytes) -> bool:
+        if gid != self.gid and time.monotonic() - self._asked >= _GRAPH_REFRESH_S:
+            self.refresh()  # a (re)started safety node, or a foreign publisher
+        return gid == self.gid
 
 
 def _build_node_class() -> type:
@@ -194,7 +235,18 @@ def _build_node_class() -> type:
             self._pub_joints = self.create_publisher(JointState, JOINT_STATES, qos)
             self._pub_clock = self.create_publisher(Clock, CLOCK, qos)
             self._pub_image = self.create_publisher(Image, CAMERA_IMAGE, QoSProfile(depth=2))
-            self.create_subscription(JointState, COMMAND, self._on_command, qos)
+            if self._p["command_source"] and self._p["executor"] == "events":
+                raise ValueError(
+                    "command_source needs executor single: rclpy's EventsExecutor cannot "
+                    "deliver the publisher gid (message info)"
+                )
+            self._source = CommandSource(self, self._p["command_source"])
+            self.create_subscription(
+                JointState,
+                COMMAND,
+                self._on_command if self._source.name else self._on_any_command,
+                qos,
+            )
             self.create_service(Trigger, SIM_RESET, self._on_reset)
 
             # Messages are built once and updated in place every sample.
@@ -228,6 +280,7 @@ def _build_node_class() -> type:
                 "republished": 0,
                 "holds": 0,
                 "resets": 0,
+                "foreign": 0,
             }
             self._report_steps = 0
             self._report_mono = time.monotonic()
@@ -388,7 +441,19 @@ def _build_node_class() -> type:
             self.counters["episodes"] += 1
             self._publish_sample()
 
-        def _on_command(self, msg: JointState) -> None:
+        def _on_command(self, msg: JointState, info: Any) -> None:
+            gid = info["publisher_gid"]
+            if gid is None or not self._source.trusts(bytes(gid["data"])):
+                self.counters["foreign"] += 1
+                self.get_logger().warning(
+                    f"ignoring a command from a publisher that is not {self._source.name!r}'s "
+                    f"({self.counters['foreign']} so far)",
+                    throttle_duration_sec=_WARN_THROTTLE_S,
+                )
+                return
+            self._on_any_command(msg)
+
+        def _on_any_command(self, msg: JointState) -> None:
             self.counters["commands"] += 1
             try:
                 action = MetaWorldRobot.validate_action(vector_from_msg(msg, dim=4))
