@@ -934,7 +934,7 @@ class PolicyNode(Node):
 
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
-        rt = self._active if self._active is not None else self._staged
+        rt = self._staged  # what runs from the next tick on
         contract = self._contract(rt.policy.metadata.control_dt if rt else 0.0)
         return {
             "model": rt.policy.tag if rt else "",
