@@ -63,9 +63,9 @@ class SwapConfig:
     """Largest model file accepted, checked with stat before reading (the student is 0.85 MB)."""
     tick_budget_fraction: float = 0.25
     """Share of the control period one tick (base model + residual) may use, measured."""
-    timing_calls: int = 32
+    timing_calls: int = 16
     """Timed calls of a candidate; their median is its cost per tick."""
-    check_observations: int = 64
+    check_observations: int = 32
     """The most recent real observations a candidate's outputs are checked on."""
     min_observations: int = 8
     """A candidate waits until the control path has seen this many observations."""
@@ -315,14 +315,12 @@ def verify_candidate(
     contract: RobotContract,
     config: SwapConfig,
     rest_of_tick_s: float = 0.0,
-    pause: Callable[[], None] = lambda: time.sleep(0),
 ) -> CheckReport:
     """Dims, outputs on recent real observations, then the measured compute budget.
 
     ``observations`` [N, obs_dim] and ``base_actions`` [N, action_dim] are what the control path
     saw and ran (:meth:`RecentObservations.snapshot`); ``rest_of_tick_s`` is what the other part
     of a tick costs (the running base for a residual, the running residual for a base model).
-    ``pause`` runs between calls (by default it lets the control thread take the GIL).
     Raises :class:`CandidateRefused` with the reason.
     """
     tag = candidate.tag
@@ -341,7 +339,6 @@ def verify_candidate(
             lambda i: candidate.run(observations[i % n], base_actions[i % n]),
             calls=config.timing_calls,
             limit_s=budget - rest_of_tick_s,
-            pause=pause,
             errors=_failed_call(tag),
         )
         tick = cost + rest_of_tick_s
@@ -371,7 +368,6 @@ def verify_candidate(
                     f"{tag} gives outputs up to {peak:.4g} on recent real observations, outside "
                     f"+-{config.action_bound:g} (action_bound)"
                 )
-            pause()
     return CheckReport(
         tag=tag,
         observations=n,
@@ -387,7 +383,6 @@ def measure_cost(
     *,
     calls: int,
     limit_s: float,
-    pause: Callable[[], None] = lambda: time.sleep(0),
     errors: Callable[[Exception], None] | None = None,
 ) -> tuple[float, int]:
     """Median seconds of ``call(i)`` over ``calls`` calls, and how many ran.
@@ -409,7 +404,6 @@ def measure_cost(
         times.append(time.perf_counter() - start)
         if len(times) >= 3 and min(times) > limit_s:
             break
-        pause()
     return float(np.median(times)), len(times)
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -129,7 +130,7 @@ WEIGHTS_QOS = QoSProfile(
 )
 RESIDUAL_HISTORY = 5  # accepted residual versions kept loaded for rollback
 # How often the executor thread picks up the worker's verdicts (a swap waits at most this long).
-APPLY_PERIOD_S = 0.02
+APPLY_PERIOD_S = 0.005
 # CDR framing of a UInt8MultiArray around its data (layout + sequence headers), generously.
 _BLOB_FRAMING_BYTES = 1024
 
@@ -347,6 +348,7 @@ class ModelVerdict:
 @dataclass(frozen=True)
 class BlobVerdict:
     size: int
+    prepare_s: float = 0.0  # deserialize, decode and check, on the worker
     weights: ResidualWeights | None = None
     actor: MLPResidual | None = None
     report: CheckReport | None = None
@@ -686,6 +688,7 @@ class PolicyNode(Node):
     def _check_blob(self, raw: bytes, cancelled: Callable[[], bool]) -> BlobVerdict:
         """Worker thread: deserialize, decode and check a residual blob."""
         size = len(raw)
+        start = time.perf_counter()
         try:
             msg = deserialize_message(raw, UInt8MultiArray)
             data = bytes(msg.data)
@@ -731,7 +734,13 @@ class PolicyNode(Node):
         except Exception as exc:  # a message that does not even deserialize
             return BlobVerdict(size, reason=f"not a UInt8MultiArray message: {exc}")
         self._lineage_newest = w  # refused blobs never move the lineage
-        return BlobVerdict(size, weights=w, actor=actor, report=report)
+        return BlobVerdict(
+            size,
+            prepare_s=time.perf_counter() - start,
+            weights=w,
+            actor=actor,
+            report=report,
+        )
 
     def _apply_verdicts(self) -> None:
         """Executor thread: stage what passed, report what did not."""
@@ -805,7 +814,7 @@ class PolicyNode(Node):
         while len(self._history) > RESIDUAL_HISTORY:  # the pinned version is never evicted
             del self._history[next(v for v in self._history if v != self._residual_mode)]
         self.weights_accepted += 1
-        self.weight_prepare_ms = report.cost_s * 1e3
+        self.weight_prepare_ms = verdict.prepare_s * 1e3
         self.last_check = report.describe()
         self._stage_residual()
         self.get_logger().info(
