@@ -249,17 +249,42 @@ def test_measure_cost_stops_early_for_a_slow_call() -> None:
 
 
 # ---------------------------------------------------------------------------- plumbing
-def test_recent_observations_keep_the_newest_in_order() -> None:
+def test_recent_observations_keep_the_newest_in_order_and_a_sample_of_all() -> None:
     ring = RecentObservations(capacity=4, obs_dim=2, action_dim=1)
-    for i in range(6):
+    for i in range(4):
         ring.add(np.array([i, -i], np.float32), np.array([i], np.float32))
     obs, base = ring.snapshot(10)
-    assert len(ring) == 4
-    assert obs[:, 0].tolist() == [2, 3, 4, 5] and base[:, 0].tolist() == [2, 3, 4, 5]
+    assert obs[:, 0].tolist() == [0, 1, 2, 3] and base[:, 0].tolist() == [0, 1, 2, 3]
+    for i in range(4, 1000):
+        ring.add(np.array([i, -i], np.float32), np.array([i], np.float32))
+    obs, base = ring.snapshot(10)
+    assert len(ring) == 1000
+    assert obs[:4, 0].tolist() == [996, 997, 998, 999]  # the last ones, in order
+    assert len(obs) == 8 and (obs[:, 0] == base[:, 0]).all()
+    assert obs[4:, 0].min() < 900  # the reservoir reaches back beyond the last ones
     obs, _ = ring.snapshot(2)
-    assert obs[:, 0].tolist() == [4, 5]
+    assert obs[:2, 0].tolist() == [998, 999]
     ring.add(np.array([9, 9], np.float32))  # no base action (no model yet): zeros
-    assert ring.snapshot(1)[1].tolist() == [[0.0]]
+    assert ring.snapshot(1)[1][0].tolist() == [0.0]
+
+
+def test_a_state_seen_earlier_in_the_run_is_checked_too(tmp_path: Path) -> None:
+    """A model that is NaN only for obs[0] < 0 passes the last observations (obs[0] > 0) but
+    not the run's sample, which remembers the earlier obs[0] < 0 states."""
+    path = make_policy(post="sqrt_obs0").save(tmp_path / "sqrt.onnx")
+    candidate = PolicyCandidate(
+        load_model_candidate(path, config=CONFIG, contract=CONTRACT), "pick-place-v3"
+    )
+    ring = RecentObservations(capacity=CONFIG.check_observations, obs_dim=OBS, action_dim=ACT)
+    obs, _ = real_like_observations(n=400)
+    obs[:, 0] = np.where(np.arange(400) < 200, -0.1, 0.0)  # early in the run x < 0, then 0
+    for row in obs:
+        ring.add(row)
+    recent, base = ring.snapshot(CONFIG.check_observations)
+    n = CONFIG.check_observations
+    verify_candidate(candidate, recent[:n], base[:n], contract=CONTRACT, config=CONFIG)
+    with pytest.raises(CandidateRefused, match="non-finite"):
+        verify_candidate(candidate, recent, base, contract=CONTRACT, config=CONFIG)
 
 
 def test_worker_runs_jobs_in_order_off_the_calling_thread_and_replaces_waiting_ones() -> None:

@@ -27,6 +27,7 @@ of it ever runs on the control path.
 
 from __future__ import annotations
 
+import random
 import stat
 import threading
 import time
@@ -66,7 +67,8 @@ class SwapConfig:
     timing_calls: int = 16
     """Timed calls of a candidate; their median is its cost per tick."""
     check_observations: int = 32
-    """The most recent real observations a candidate's outputs are checked on."""
+    """A candidate's outputs are checked on this many of the most recent real observations,
+    and on as many sampled uniformly from all those seen."""
     min_observations: int = 8
     """A candidate waits until the control path has seen this many observations."""
     action_bound: float = 1.0
@@ -206,23 +208,30 @@ def check_lineage(
 
 # ---------------------------------------------------------------------------- observations
 class RecentObservations:
-    """The last observations the control path answered, with the base action it ran.
+    """Real observations the control path answered, with the base action it ran: the last
+    ``capacity`` of them, plus a uniform sample (reservoir) of ``capacity`` over every one seen,
+    so a candidate is also checked on states from earlier in the run, not only the last second.
 
-    ``add`` is called by the control thread once per tick (two small copies under a lock);
+    ``add`` is called by the control thread once per tick (small copies under a lock);
     ``snapshot`` by the checking thread.
     """
 
-    def __init__(self, *, capacity: int, obs_dim: int, action_dim: int) -> None:
+    def __init__(self, *, capacity: int, obs_dim: int, action_dim: int, seed: int = 0) -> None:
         self.obs_dim = obs_dim
         self.action_dim = action_dim
+        self._capacity = capacity
         self._obs = np.zeros((capacity, obs_dim), dtype=np.float32)
         self._base = np.zeros((capacity, action_dim), dtype=np.float32)
+        self._pool_obs = np.zeros((capacity, obs_dim), dtype=np.float32)
+        self._pool_base = np.zeros((capacity, action_dim), dtype=np.float32)
         self._next = 0
-        self._count = 0
+        self._seen = 0
+        self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return self._count
+        """Observations seen so far."""
+        return self._seen
 
     def add(self, obs: np.ndarray, base_action: np.ndarray | None = None) -> None:
         with self._lock:
@@ -232,15 +241,26 @@ class RecentObservations:
                 self._base[i] = 0.0
             else:
                 self._base[i] = base_action
-            self._next = (i + 1) % self._obs.shape[0]
-            self._count = min(self._count + 1, self._obs.shape[0])
+            self._next = (i + 1) % self._capacity
+            # Reservoir sampling (Algorithm R): every observation seen is in the pool with
+            # probability capacity / seen.
+            j = self._seen if self._seen < self._capacity else self._rng.randrange(self._seen + 1)
+            if j < self._capacity:
+                self._pool_obs[j] = self._obs[i]
+                self._pool_base[j] = self._base[i]
+            self._seen += 1
 
     def snapshot(self, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the last ``n`` (or fewer) observations and base actions, oldest first."""
+        """Copies of the last ``n`` (or fewer) observations and base actions, oldest first,
+        followed by the reservoir's (those not among the last ones)."""
         with self._lock:
-            k = min(n, self._count)
-            idx = (self._next - k + np.arange(k)) % self._obs.shape[0]
-            return self._obs[idx].copy(), self._base[idx].copy()
+            k = min(n, self._seen, self._capacity)
+            idx = (self._next - k + np.arange(k)) % self._capacity
+            obs, base = self._obs[idx], self._base[idx]
+            if self._seen > self._capacity:  # the reservoir holds older ones too
+                obs = np.concatenate([obs, self._pool_obs])
+                base = np.concatenate([base, self._pool_base])
+            return obs.copy(), base.copy()
 
 
 # ---------------------------------------------------------------------------- candidates
