@@ -299,3 +299,71 @@ def write_truncated(valid: Path, out: Path, *, fraction: float) -> Path:
 def write_garbage(out: Path, *, size: int = 4096, seed: int = 0) -> Path:
     out.write_bytes(np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes())
     return out
+
+
+# ---------------------------------------------------------------------------- residual blobs
+def residual_layers(
+    widths: Sequence[int], *, seed: int = 0, scale: float = 0.4
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Random (weight [in, out], bias [out]) pairs along ``widths`` (input width first)."""
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            (rng.normal(size=(a, b)) * scale / np.sqrt(a)).astype(np.float32),
+            (rng.normal(size=b) * 0.1).astype(np.float32),
+        )
+        for a, b in itertools.pairwise(widths)
+    ]
+
+
+def nan_on_real_obs_layers(in_dim: int, action_dim: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Finite weights whose output is NaN for any input that is not (nearly) zero, and finite
+    (zero) on the all-zeros probe: two ReLU units overflow to +inf (one for x.w > 0, one for
+    x.w < 0), the next layer subtracts inf from inf."""
+    big = np.float32(3e38)
+    w0 = np.zeros((in_dim, 4), dtype=np.float32)
+    w0[:, 0] = w0[:, 2] = big
+    w0[:, 1] = w0[:, 3] = -big
+    w1 = np.zeros((4, action_dim), dtype=np.float32)
+    w1[0], w1[2], w1[1], w1[3] = 1.0, -1.0, 1.0, -1.0
+    return [(w0, np.zeros(4, np.float32)), (w1, np.zeros(action_dim, np.float32))]
+
+
+def residual_blob(
+    version: int,
+    *,
+    base: str,
+    obs_dim: int = 39,
+    action_dim: int = 4,
+    layers: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    hidden: Sequence[int] = (32,),
+    parent: int | None = None,
+    model_id: str = "residual",
+    scale: float = 0.3,
+    seed: int | None = None,
+) -> bytes:
+    """A residual actor blob (vlarl.core.weights), as the learner publishes one."""
+    from vlarl.core.weights import encode_residual
+
+    n_in = obs_dim + action_dim
+    if layers is None:
+        layers = residual_layers(
+            [n_in, *hidden, action_dim], seed=version if seed is None else seed
+        )
+    return encode_residual(
+        layers=layers,
+        model_id=model_id,
+        version=version,
+        parent=version - 1 if parent is None else parent,
+        base=base,
+        obs_dim=obs_dim,
+        action_dim=action_dim,
+        scale=scale,
+    )
+
+
+def sparse_file(path: Path, size: int) -> Path:
+    """A file of ``size`` bytes that takes no disk space (all holes)."""
+    with Path(path).open("wb") as f:
+        f.truncate(size)
+    return Path(path)

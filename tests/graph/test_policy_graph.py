@@ -369,15 +369,19 @@ def test_swap_to_valid_model_misses_no_tick(start, harness: Harness, models, exe
 def test_bad_swaps_are_refused_and_old_model_keeps_control(
     start, harness: Harness, models, tmp_path: Path
 ) -> None:
-    """(c) missing, corrupt, truncated, contract-breaking files: refused with a reason."""
-    start("policy", model=str(models["v1_path"]), status_rate_hz=10.0)
+    """(c) missing, corrupt, truncated, contract-breaking files: refused with a reason (at once
+    when stat tells, else by the worker thread, in policy/status), the parameter goes back to
+    the running model, and the old model answers every observation meanwhile."""
+    start("policy", model=str(models["v1_path"]), status_rate_hz=20.0)
     harness.wait_ready()
     rng = np.random.default_rng(2)
     harness.warm_up(rng)
 
-    bad = {
+    at_once = {
         "missing": (tmp_path / "does_not_exist.onnx", "not found"),
         "directory": (tmp_path, "not a file"),
+    }
+    checked = {
         "corrupt": (write_garbage(tmp_path / "corrupt.onnx"), "not a readable ONNX"),
         "truncated": (
             write_truncated(models["v1_path"], tmp_path / "truncated.onnx", fraction=0.6),
@@ -387,29 +391,41 @@ def test_bad_swaps_are_refused_and_old_model_keeps_control(
         "probe_nan": (save(make_broken("probe_nan"), tmp_path / "nan.onnx"), "non-finite"),
     }
     results: dict[str, Any] = {}
+    refusals: dict[str, str] = {}
 
-    def refuse_during_stream(i: int) -> None:
-        if i % 40 == 20 and (i // 40) < len(bad):
-            key = list(bad)[i // 40]
-            path = bad[key][0]
-            threading.Thread(
-                target=lambda: results.__setitem__(key, harness.set_param("model", str(path))),
-                daemon=True,
-            ).start()
+    def refuse_one_by_one() -> None:
+        for key, (path, _) in at_once.items():
+            results[key] = harness.set_param("model", str(path))
+        for n, (key, (path, _)) in enumerate(checked.items(), start=len(at_once) + 1):
+            results[key] = harness.set_param("model", str(path))
+            status = harness.latest_status(lambda s, n=n: s["refused"] == n, timeout=10.0)
+            refusals[key] = status["last_refusal"]
 
-    sent = stream(harness, rng, count=300, rate_hz=100.0, during=refuse_during_stream)
+    worker = threading.Thread(target=refuse_one_by_one, daemon=True)
+    sent = stream(
+        harness,
+        rng,
+        count=400,
+        rate_hz=100.0,
+        during=lambda i: worker.start() if i == 20 else None,
+    )
+    worker.join(timeout=30.0)
     assert harness.wait_actions(len(sent), timeout=15.0), harness.missing(sent)
-    assert wait_until(lambda: len(results) == len(bad), timeout=15.0), sorted(results)
-    for key, (_, fragment) in bad.items():
+    assert len(refusals) == len(checked), (sorted(results), refusals)
+    for key, (_, fragment) in at_once.items():
         assert not results[key].successful, f"{key} was accepted"
         assert fragment in results[key].reason, f"{key}: {results[key].reason!r}"
+    for key, (path, fragment) in checked.items():
+        assert results[key].successful, f"{key}: {results[key].reason}"  # queued for checking
+        assert fragment in refusals[key] and str(path) in refusals[key], (key, refusals[key])
 
     received = harness.actions_by_stamp()
     assert set(received) == set(sent)
     assert {tag for tag, _ in received.values()} == {"graph-policy@1"}
     check_chunks(sent, received, {"graph-policy@1": models["v1"]}, chunk_length=8, replan_every=8)
-    assert harness.get_param("model") == str(models["v1_path"])
-    status = harness.latest_status(lambda s: s["refused"] == len(bad), timeout=5.0)
+    assert wait_until(lambda: harness.get_param("model") == str(models["v1_path"]), timeout=5.0)
+    refused = len(at_once) + len(checked)
+    status = harness.latest_status(lambda s: s["refused"] == refused, timeout=5.0)
     assert status["model"] == "graph-policy@1" and status["swaps"] == 0
 
     # A task the model does not know is refused the same way.
@@ -429,13 +445,20 @@ def test_start_without_model_holds_then_accepts_one(start, harness: Harness, mod
     harness.latest_status(lambda s: s["no_model"] >= 5, timeout=5.0)
     assert harness.n_actions() == 0
 
-    # Without a model, other parameters are stored and checked when a model loads.
+    # Without a model, other parameters are stored and checked when a model loads (on the
+    # worker thread: the verdict is in policy/status and the parameter goes back).
     assert harness.set_param("task", "push-v3").successful
     result = harness.set_param("model", str(models["v1_path"]))
-    assert not result.successful and "does not know task 'push-v3'" in result.reason
+    assert result.successful, result.reason
+    status = harness.latest_status(lambda s: s["refused"] == 1, timeout=10.0)
+    assert "does not know task 'push-v3'" in status["last_refusal"]
+    back = str(tmp_path / "not_yet.onnx")
+    assert wait_until(lambda: harness.get_param("model") == back, timeout=5.0)
     assert harness.set_param("task", "pick-place-v3").successful
     result = harness.set_param("model", str(models["v1_path"]))
     assert result.successful, result.reason
+    # The observations seen without a model (obs_dim from the first one) are what it is
+    # checked on; warm_up sends more until it answers.
     harness.warm_up(rng)
     sent = stream(harness, rng, count=10, rate_hz=100.0)
     assert harness.wait_actions(len(sent), timeout=5.0)

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from model_factory import make_policy
+from vlarl.core.candidate import SwapConfig
 from vlarl.core.weights import ResidualWeights, decode_residual, encode_residual
 from vlarl.graph import wait_until
 from vlarl.topics import OBSERVATION, POLICY_ACTION, POLICY_STATUS, POLICY_WEIGHTS
@@ -185,12 +186,15 @@ class Harness:
             return [(sent[s], *self.actions[s][0]) for s in sorted(sent)]
 
     def warm_up(self, rng: np.random.Generator) -> None:
+        """Observations until one is answered, then enough of them for the node to check
+        candidates on (SwapConfig.min_observations)."""
         deadline = time.monotonic() + READY_TIMEOUT
         while True:
             stamp = self.send_obs(rng.normal(size=OBS_DIM))
             if wait_until(lambda s=stamp: s in self.actions, timeout=0.3):
                 break
             assert time.monotonic() < deadline, "no action for warm-up observations"
+        self.stream(rng, count=SwapConfig().min_observations)
 
     def last_status(self) -> dict[str, Any]:
         with self.lock:
@@ -205,6 +209,12 @@ class Harness:
             f"no status matching the expectation; last: {self.last_status()}"
         )
         return find()
+
+    def set_model(self, path: Path, tag: str) -> None:
+        """``model`` set, checked on the node's worker thread and staged (status says so)."""
+        result = self.set_param("model", str(path))
+        assert result.successful, result.reason
+        self.wait_status(lambda s: s["model"] == tag and not s["pending"])
 
     def set_param(self, name: str, value: Any, *, timeout: float = 15.0) -> Any:
         from rcl_interfaces.srv import SetParameters
@@ -349,7 +359,7 @@ def test_base_model_swap_drops_a_residual_of_another_base(start, harness, model_
     w1 = decode_residual(blob(1, base="graph-policy@1"))
     expect_acting(harness.answers(harness.stream(rng, count=20)), w1)
 
-    assert harness.set_param("model", str(model_paths["v2"])).successful
+    harness.set_model(model_paths["v2"], "graph-policy@2")
     expect_acting(harness.answers(harness.stream(rng, count=30)), None, base_tag="graph-policy@2")
     status = harness.wait_status(lambda s: s["model"] == "graph-policy@2")
     assert status["residual"] == "" and status["residual_history"] == [1]
@@ -361,16 +371,19 @@ def test_base_model_swap_drops_a_residual_of_another_base(start, harness, model_
     expect_acting(harness.answers(harness.stream(rng, count=30)), w2, base_tag="graph-policy@2")
     harness.publish_blob(blob(3, base=""))
     harness.wait_status(lambda s: s["residual_latest"] == "residual@3")
-    assert harness.set_param("model", str(model_paths["v1"])).successful
+    harness.set_model(model_paths["v1"], "graph-policy@1")
     w3 = decode_residual(blob(3, base=""))
     expect_acting(harness.answers(harness.stream(rng, count=30)), w3, base_tag="graph-policy@1")
 
 
 def test_restarted_policy_node_gets_the_latest_blob(start, harness, model_paths) -> None:
     """Transient local: a policy node that (re)joins after the blobs were published gets the
-    latest one from the learner's publisher and runs it from its first answers."""
+    latest one from the learner's publisher and runs it once it passed its checks on the
+    first real observations."""
     first = start("policy", model=str(model_paths["v1"]), status_rate_hz=10.0)
     harness.wait_ready()
+    rng = np.random.default_rng(3)
+    harness.warm_up(rng)
     for v in (1, 2):
         harness.publish_blob(blob(v))
         harness.wait_status(lambda s, v=v: s["residual_latest"] == f"residual@{v}")
@@ -383,8 +396,9 @@ def test_restarted_policy_node_gets_the_latest_blob(start, harness, model_paths)
     # is recognised by its fresh counters, not by the match counts.)
     start("policy", model=str(model_paths["v1"]), status_rate_hz=10.0)
     status = harness.wait_status(lambda s: s["weights_received"] >= 1, timeout=READY_TIMEOUT)
-    assert status["weights_received"] == 1 and status["weights_accepted"] == 1
-    assert status["residual_history"] == [2] and status["residual_latest"] == "residual@2"
-    rng = np.random.default_rng(3)
+    assert status["weights_received"] == 1 and status["weights_accepted"] == 0
+    # It is checked on real observations before it may act: the first ones run without it.
     harness.warm_up(rng)
+    status = harness.wait_status(lambda s: s["weights_accepted"] == 1)
+    assert status["residual_history"] == [2] and status["residual_latest"] == "residual@2"
     expect_acting(harness.answers(harness.stream(rng, count=30)), decode_residual(blob(2)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -205,21 +206,23 @@ class OnnxPolicy:
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
-        cls, path: str | Path, *, providers: str = "auto", intra_op_threads: int = 1
+        cls,
+        path: str | Path,
+        *,
+        providers: str = "auto",
+        intra_op_threads: int = 1,
+        max_bytes: int | None = None,
     ) -> OnnxPolicy:
-        """Load and validate ``path``; raise :class:`ContractError` saying why it is refused."""
+        """Load and validate ``path``; raise :class:`ContractError` saying why it is refused.
+
+        The file is stat-ed before it is read: not a regular file, or larger than ``max_bytes``
+        (None: no cap), is refused without reading it, and it is never read past the cap.
+        """
         path = Path(path)
         if intra_op_threads < 1:
             raise ValueError("intra_op_threads must be >= 1")
         chain = choose_providers(providers, ort.get_available_providers())
-        if not path.exists():
-            raise ContractError(f"model file not found: {path}")
-        if not path.is_file():
-            raise ContractError(f"model path is not a file: {path}")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ContractError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+        data = _read_model_file(path, max_bytes)
         if not data:
             raise ContractError(f"model file is empty: {path}")
         try:
@@ -379,6 +382,36 @@ class OnnxPolicy:
 
     def __repr__(self) -> str:
         return f"OnnxPolicy({self.tag}, {self.path}, providers={self.providers})"
+
+
+def _read_model_file(path: Path, max_bytes: int | None) -> bytes:
+    """The file's bytes: stat first (regular file, size within ``max_bytes``), then a read that
+    stops one byte past the cap (a file that grew meanwhile is refused, not read whole)."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ContractError(f"model file not found: {path}") from None
+    except OSError as exc:
+        raise ContractError(f"cannot stat model file {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ContractError(f"model path is not a file: {path}")
+    if max_bytes is not None and info.st_size > max_bytes:
+        raise ContractError(
+            f"model file {path.name} is {info.st_size} bytes, over the cap of {max_bytes} bytes"
+        )
+    limit = info.st_size if max_bytes is None else max_bytes
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except MemoryError:
+        raise ContractError(
+            f"model file {path.name} ({info.st_size} bytes) does not fit in memory"
+        ) from None
+    except OSError as exc:
+        raise ContractError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise ContractError(f"model file {path.name} grew past {limit} bytes while being read")
+    return data
 
 
 def _first_line(exc: BaseException) -> str:

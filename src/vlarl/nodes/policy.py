@@ -5,26 +5,32 @@ Subscribes ``observation`` (sensor_msgs/JointState) and publishes ``policy/actio
 in ``effort`` (point 0 only; later points are planned without one), the observation's stamp,
 and ``frame_id`` = ``model_id@version`` (+ ``+residual@version`` when a residual is installed).
 
-``ros2 param set /policy model <path>`` loads and validates the new file inside the
-set-parameters callback, which runs between two control ticks (the executor is single-threaded:
-observations that arrive meanwhile wait in the node's queue, none is lost; a load takes about
-15-50 ms). A refused file (missing, corrupt, contract-breaking) is
-answered with the reason and the running policy keeps control; an accepted one is staged and
-the next control tick switches to it (one reference swap between two ticks). Changing ``task``,
-``replan_every``, ``providers`` or ``intra_op_threads`` goes through the same path.
+``ros2 param set /policy model <path>`` is answered at once with what can be judged without
+reading the file (missing, not a regular file, over ``max_model_bytes``: refused with the
+reason); anything else is accepted for checking and loaded on the candidate worker thread,
+never on the control path: the model contract, the robot's dims (obs_dim as the robot
+provides it, action_dim = the command's size), its outputs on recent real observations (finite,
+within ±action_bound) and its measured cost per tick against the budget (a share of the control
+period), all with :mod:`vlarl.core.candidate`. A verified model is staged and the next control
+tick switches to it (one reference swap between two ticks); a refused one is reported in
+policy/status (``refused``, ``last_refusal``), the parameter goes back to the running model's
+value, and the running policy keeps control. Changing ``providers`` or ``intra_op_threads``
+reloads the same way; ``task`` and ``replan_every`` apply at once to the running model.
 
 Malformed observations (wrong length, non-finite) and non-finite model output are counted and
 answered with nothing: the safety node's watchdog then holds the robot.
 
 Residual weights arrive on ``policy_weights`` (std_msgs/UInt8MultiArray, a safetensors blob, see
 :mod:`vlarl.core.weights`; reliable + transient local, so a restarted node gets the latest blob).
-They are decoded, verified (digest, format, shapes), checked against the running base and the
-latest accepted version (same model id, strictly newer), built into an actor and probed in the
-default callback group, never on the control path; the control tick then installs the staged
-actor between two ticks (one reference swap). A refused blob is counted with its reason and the
-previous residual keeps acting. The last accepted versions stay loaded: ``residual_version``
-= N rolls back to (pins) version N, 0 runs the zero residual, -1 follows the newest. When the
-base model is swapped, a residual trained against another base is dropped (zero residual).
+The subscription takes the serialized message (a blob over ``max_blob_bytes`` is refused without
+deserializing it); the worker thread decodes and verifies it (digest, format, shapes), checks
+it against the running base and the learner's lineage (same model id, newer than the newest
+accepted by at most ``max_version_step``), then on recent real observations and against the
+budget; the control tick then installs the staged actor between two ticks (one reference swap).
+A refused blob is counted with its reason (``last_weight_refusal``) and the previous residual
+keeps acting. The last accepted versions stay loaded: ``residual_version`` = N rolls back to
+(pins) version N, 0 runs the zero residual, -1 follows the newest. When the base model is
+swapped, a residual trained against another base is dropped (zero residual).
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -43,14 +50,37 @@ ensure_local_discovery()  # before rclpy is imported anywhere in this process
 
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup  # noqa: E402
 from rclpy.node import Node  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
+from rclpy.serialization import deserialize_message  # noqa: E402
 from sensor_msgs.msg import JointState  # noqa: E402
 from std_msgs.msg import String, UInt8MultiArray  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from vlarl.contract import ContractError  # noqa: E402
+from vlarl.core.candidate import (  # noqa: E402
+    CandidateRefused,
+    CandidateWorker,
+    CheckReport,
+    PolicyCandidate,
+    RecentObservations,
+    ResidualCandidate,
+    RobotContract,
+    SwapConfig,
+    check_blob_size,
+    check_lineage,
+    check_model_file,
+    load_model_candidate,
+    measure_cost,
+    verify_candidate,
+    wait_for,
+)
 from vlarl.core.chunking import ChunkScheduler  # noqa: E402
-from vlarl.core.onnx_policy import PROVIDER_REQUESTS, OnnxPolicy  # noqa: E402
+from vlarl.core.onnx_policy import (  # noqa: E402
+    PROVIDER_REQUESTS,
+    OnnxPolicy,
+    choose_providers,
+)
 from vlarl.core.residual import MLPResidual, ResidualError, ResidualSlot  # noqa: E402
 from vlarl.core.weights import (  # noqa: E402
     ResidualWeights,
@@ -68,6 +98,7 @@ from vlarl.ros.msgs import (  # noqa: E402
 from vlarl.ros.params import Param, declare  # noqa: E402
 from vlarl.ros.realtime import MAX_PRIORITY, current_policy, set_realtime_priority  # noqa: E402
 from vlarl.topics import (  # noqa: E402
+    ACTION_NAMES,
     OBSERVATION,
     POLICY_ACTION,
     POLICY_STATUS,
@@ -76,6 +107,8 @@ from vlarl.topics import (  # noqa: E402
 )
 
 DEFAULT_MODEL = "models/pick-place-v3-student.onnx"
+# The robot takes one command of this size per tick (safety/command: dx, dy, dz, gripper).
+ROBOT_ACTION_DIM = len(ACTION_NAMES)
 # rclpy's MultiThreadedExecutor is not offered: its dispatch fell hundreds of milliseconds behind
 # at 200 Hz (GIL contention between its wait loop and the worker threads), so the observation
 # queue overflowed and ~150 consecutive ticks were lost (bench/control_loop.py, swap test).
@@ -96,13 +129,60 @@ WEIGHTS_QOS = QoSProfile(
     durability=DurabilityPolicy.TRANSIENT_LOCAL,
 )
 RESIDUAL_HISTORY = 5  # accepted residual versions kept loaded for rollback
+# How often the executor thread picks up the worker's verdicts (a swap waits at most this long).
+APPLY_PERIOD_S = 0.005
+# CDR framing of a UInt8MultiArray around its data (layout + sequence headers), generously.
+_BLOB_FRAMING_BYTES = 1024
+
+_SWAP = SwapConfig()
+# One parameter per SwapConfig field, same name; read-only: the limits are fixed at start.
+SWAP_PARAMS: tuple[Param, ...] = (
+    Param("max_blob_bytes", _SWAP.max_blob_bytes,
+          "largest residual weight blob accepted (bytes)", low=1, high=2**40, read_only=True),
+    Param("max_model_bytes", _SWAP.max_model_bytes,
+          "largest model file accepted (bytes, stat before reading)", low=1, high=2**40,
+          read_only=True),
+    Param("tick_budget_fraction", _SWAP.tick_budget_fraction,
+          "share of the control period one tick (base + residual) may use, measured on the "
+          "candidate before a swap", low=0.01, high=1.0, read_only=True),
+    Param("timing_calls", _SWAP.timing_calls,
+          "timed calls of a candidate (their median is its cost per tick)", low=1, high=10_000,
+          read_only=True),
+    Param("check_observations", _SWAP.check_observations,
+          "recent real observations a candidate's outputs are checked on", low=1, high=10_000,
+          read_only=True),
+    Param("min_observations", _SWAP.min_observations,
+          "a candidate waits until this many observations were seen", low=1, high=10_000,
+          read_only=True),
+    Param("action_bound", _SWAP.action_bound,
+          "candidate outputs must be finite and within +-action_bound", low=1e-6, high=1e6,
+          read_only=True),
+    Param("max_version_step", _SWAP.max_version_step,
+          "a residual version may be at most this far above the newest accepted one",
+          low=1, high=2**62, read_only=True),
+    Param("max_version", _SWAP.max_version, "no residual version above this is accepted",
+          low=1, high=2**62, read_only=True),
+    Param("obs_dim", _SWAP.obs_dim,
+          "observation size the robot provides; 0 = the start-up model's (else the first "
+          "observation's)", low=0, high=1_000_000, read_only=True),
+    Param("control_period_s", _SWAP.control_period_s,
+          "control period the tick budget derives from; 0 = the start-up model's control_dt",
+          low=0.0, high=10.0, read_only=True),
+)  # fmt: skip
+
+
+def swap_config(values: dict[str, Any]) -> SwapConfig:
+    """The SwapConfig the node's parameter values describe."""
+    return SwapConfig(**{f.name: values[f.name] for f in fields(SwapConfig)})
+
 
 PARAMS: tuple[Param, ...] = (
     Param(
         "model",
         DEFAULT_MODEL,
         "ONNX policy file meeting the model contract; relative paths: cwd, then the package. "
-        "Setting it (even to the same path) loads, validates and swaps in the file.",
+        "Setting it (even to the same path) loads and checks the file off the control path "
+        "and swaps it in when it passes (verdict in policy/status).",
     ),
     Param("task", "pick-place-v3", "task to run; must be one of the model's tasks"),
     Param(
@@ -147,8 +227,8 @@ PARAMS: tuple[Param, ...] = (
     Param(
         "executor",
         "events",
-        "events (rclpy EventsExecutor: cheapest and lowest latency) or single_threaded; with "
-        "either, a model load delays the ticks queued meanwhile (none is lost)",
+        "events (rclpy EventsExecutor: cheapest and lowest latency) or single_threaded; "
+        "models and blobs are loaded and checked on a worker thread with either",
         choices=EXECUTORS,
         read_only=True,
     ),
@@ -161,8 +241,9 @@ PARAMS: tuple[Param, ...] = (
         high=MAX_PRIORITY,
         read_only=True,
     ),
+    *SWAP_PARAMS,
 )
-# Parameters whose change builds a new runtime (and, for the first three, reloads the file).
+# Parameters whose change loads the file again (on the worker thread).
 _RELOAD = ("model", "providers", "intra_op_threads")
 _RUNTIME = (*_RELOAD, "task", "replan_every")
 
@@ -179,6 +260,7 @@ class Runtime:
     residual_block: np.ndarray  # [H, A] zeros; row 0 holds this tick's residual
     step_dt: float
     path: str
+    cost_s: float = 0.0  # measured median time of one chunk prediction
 
     @property
     def obs_dim(self) -> int:
@@ -187,23 +269,15 @@ class Runtime:
 
 def build_runtime(
     config: dict[str, Any],
+    policy: OnnxPolicy,
     *,
     current: Runtime | None = None,
-    reload: bool = True,
+    cost_s: float = 0.0,
 ) -> Runtime:
-    """A runtime for ``config``; reuses ``current``'s policy unless ``reload``.
+    """A runtime running ``policy`` with ``config``'s task and schedule.
 
-    Raises :class:`ContractError` (or ``ValueError``) with the reason to refuse.
+    Raises :class:`ContractError` with the reason to refuse.
     """
-    if reload or current is None:
-        path = resolve_model_path(str(config["model"]))
-        policy = OnnxPolicy.load(
-            path,
-            providers=str(config["providers"]),
-            intra_op_threads=int(config["intra_op_threads"]),
-        )
-    else:
-        path, policy = current.policy.path, current.policy
     meta = policy.metadata
     task = str(config["task"])
     if task not in meta.tasks:
@@ -231,7 +305,8 @@ def build_runtime(
         chunk=np.zeros(shape, dtype=np.float32),
         residual_block=np.zeros(shape, dtype=np.float32),
         step_dt=float(meta.control_dt),
-        path=str(path),
+        path=str(policy.path),
+        cost_s=cost_s,
     )
 
 
@@ -241,9 +316,47 @@ class ResidualChoice:
 
     weights: ResidualWeights | None = None
     actor: MLPResidual | None = None
+    cost_s: float = 0.0  # measured median time of one call
 
 
 ZERO_RESIDUAL = ResidualChoice()
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """A parameter change that loads a model file; ``previous``: the values to go back to."""
+
+    changes: dict[str, Any]
+    previous: dict[str, Any]
+    path: str
+    task: str
+    providers: str
+    intra_op_threads: int
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.changes.items())
+
+
+@dataclass(frozen=True)
+class ModelVerdict:
+    request: ModelRequest
+    policy: OnnxPolicy | None = None
+    report: CheckReport | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BlobVerdict:
+    size: int
+    prepare_s: float = 0.0  # deserialize, decode and check, on the worker
+    weights: ResidualWeights | None = None
+    actor: MLPResidual | None = None
+    report: CheckReport | None = None
+    reason: str = ""
+
+
+# What a candidate may be refused with (each carries a one-line reason).
+_REFUSALS = (ContractError, WeightError, ResidualError, CandidateRefused)
 
 
 class PolicyNode(Node):
@@ -252,8 +365,8 @@ class PolicyNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__("policy", **kwargs)
         self._config: dict[str, Any] = {}
-        self._staged: Runtime | None = None  # written by the parameter thread
-        self._active: Runtime | None = None  # read/written by the control thread only
+        self._staged: Runtime | None = None  # written by the executor thread (verdicts)
+        self._active: Runtime | None = None  # read/written by the control path only
         self.ticks = 0
         self.published = 0
         self.malformed = 0
@@ -265,32 +378,42 @@ class PolicyNode(Node):
         self.episode_resets = 0
         self.last_refusal = ""
         self.load_error = ""
+        self.last_check = ""
         self._episode_start_ns = 0
         self._reset_done_ns = 0
         self._last_episode: float | None = None
-        # Residual weights: written in the default callback group (weights + parameters), the
-        # choice is picked up by the control thread between two ticks.
-        self._history: dict[int, tuple[ResidualWeights, MLPResidual]] = {}  # oldest first
+        # Residual weights: verdicts are applied in the executor thread, the choice is picked
+        # up by the control path between two ticks.
+        self._history: dict[int, tuple[ResidualWeights, MLPResidual, float]] = {}  # oldest first
         self._latest: ResidualWeights | None = None  # newest accepted (version order)
+        self._lineage_newest: ResidualWeights | None = None  # the worker's view of it
         self._residual_staged: ResidualChoice = ZERO_RESIDUAL
-        self._residual_active: ResidualChoice = ZERO_RESIDUAL  # control thread only
+        self._residual_active: ResidualChoice = ZERO_RESIDUAL  # control path only
         self.weights_received = 0
         self.weights_accepted = 0
         self.weights_refused = 0
         self.last_weight_refusal = ""
         self.weight_prepare_ms = 0.0
         self.residual_swaps = 0
+        self._pending: dict[str, str] = {}  # worker job kind -> what it checks
+        self._reverting = False
 
-        self._config = declare(self, PARAMS, self._on_change)
-        self._config = dict(self._config)
+        self._config = dict(declare(self, PARAMS, self._on_change))
+        self.swap_config = swap_config(self._config)
         self._reset_on_episode = bool(self._config["reset_on_episode"])
         self._noise_std = float(self._config["residual_noise_std"])
         self._noise_rng = np.random.default_rng()
         self.executor_kind = str(self._config["executor"])
         self.realtime_priority = int(self._config["realtime_priority"])
+        # The robot's contract: obs_dim from the parameter, else the start-up model, else the
+        # first observation; the control period likewise (else the first model's control_dt).
+        self._obs_dim = self.swap_config.obs_dim
+        self._control_period_s = self.swap_config.control_period_s
+        self._recent: RecentObservations | None = None
+        self._active_model_values = {k: self._config[k] for k in _RELOAD}
         try:
-            self._staged = build_runtime(self._config)
-        except (ContractError, ValueError) as exc:
+            self._staged = self._load_startup_model()
+        except _REFUSALS as exc:
             self.load_error = str(exc)
             self.get_logger().error(
                 f"no policy: {exc}. Observations go unanswered (safety holds) until "
@@ -300,8 +423,12 @@ class PolicyNode(Node):
             self.get_logger().info(
                 f"loaded {self._staged.policy.tag} from {self._staged.path} "
                 f"(providers {', '.join(self._staged.policy.providers)}, "
-                f"task {self._staged.task}, replan_every {self._staged.scheduler.replan_every})"
+                f"task {self._staged.task}, replan_every {self._staged.scheduler.replan_every}, "
+                f"{self._staged.cost_s * 1e3:.3f} ms per plan)"
             )
+        if self._obs_dim:
+            self._fix_obs_dim(self._obs_dim)
+        self._worker = CandidateWorker("policy-candidates")
 
         control = MutuallyExclusiveCallbackGroup()
         self._pub = self.create_publisher(JointTrajectory, POLICY_ACTION, ACTION_QOS)
@@ -313,17 +440,73 @@ class PolicyNode(Node):
             JointState, ROBOT_STATUS, self._on_robot_status, OBS_QOS, callback_group=control
         )
         self._residual_mode = int(self._config["residual_version"])
-        # Not the control group: decoding and probing a blob runs between two ticks (the
-        # executor is single-threaded), about a millisecond for a 2x256 actor.
+        # Serialized messages: the size cap is checked before anything is deserialized, and
+        # deserializing, decoding and checking run on the worker thread.
         self.create_subscription(
             UInt8MultiArray,
             POLICY_WEIGHTS,
             self._on_weights,
             WEIGHTS_QOS,
             callback_group=self.default_callback_group,
+            raw=True,
         )
         self._status_pub = self.create_publisher(String, POLICY_STATUS, 10)
         self.create_timer(1.0 / float(self._config["status_rate_hz"]), self._publish_status)
+        self.create_timer(APPLY_PERIOD_S, self._apply_verdicts)
+
+    # ------------------------------------------------------------------ contract
+    def _fix_obs_dim(self, obs_dim: int) -> None:
+        self._obs_dim = obs_dim
+        self._recent = RecentObservations(
+            capacity=self.swap_config.check_observations,
+            obs_dim=obs_dim,
+            action_dim=ROBOT_ACTION_DIM,
+        )
+
+    def _contract(self, control_dt: float) -> RobotContract | None:
+        """The robot's contract (None while obs_dim is not known yet)."""
+        if not self._obs_dim:
+            return None
+        return RobotContract(
+            obs_dim=self._obs_dim,
+            action_dim=ROBOT_ACTION_DIM,
+            control_period_s=self._control_period_s or control_dt,
+        )
+
+    def _load_startup_model(self) -> Runtime:
+        """The start-up model: size cap, contract, the robot's dims and the budget, measured on
+        zeros (no real observation exists yet)."""
+        config = self._config
+        policy = load_model_candidate(
+            resolve_model_path(str(config["model"])),
+            config=self.swap_config,
+            contract=None,
+            providers=str(config["providers"]),
+            intra_op_threads=int(config["intra_op_threads"]),
+        )
+        meta = policy.metadata
+        contract = RobotContract(
+            obs_dim=self._obs_dim or meta.obs_dim,
+            action_dim=ROBOT_ACTION_DIM,
+            control_period_s=self._control_period_s or meta.control_dt,
+        )
+        contract.check_dims(f"model {policy.tag}", meta.obs_dim, meta.action_dim)
+        rt = build_runtime(config, policy)
+        zeros = np.zeros(meta.obs_dim, dtype=np.float32)
+        budget = contract.tick_budget_s(self.swap_config)
+        cost, calls = measure_cost(
+            lambda _: policy.predict(zeros, task=rt.task, out=rt.chunk),
+            calls=self.swap_config.timing_calls,
+            limit_s=budget,
+        )
+        if cost > budget:
+            raise CandidateRefused(
+                f"model {policy.tag} needs {cost * 1e3:.3f} ms per plan (median of {calls} "
+                f"calls), over the budget of {budget * 1e3:.2f} ms"
+            )
+        self._obs_dim = contract.obs_dim
+        self._control_period_s = contract.control_period_s
+        return build_runtime(config, policy, cost_s=cost)
 
     # ------------------------------------------------------------------ control path
     def _install(self, rt: Runtime | None) -> None:
@@ -366,7 +549,7 @@ class PolicyNode(Node):
         else:
             try:
                 slot.install(choice.actor)
-            except ResidualError as exc:  # cannot happen after the probe, but fail closed
+            except ResidualError as exc:  # cannot happen after the checks, but fail closed
                 slot.clear()
                 self.get_logger().error(f"residual {w.tag} not installed: {exc}")
         if slot.tag != before:
@@ -381,6 +564,7 @@ class PolicyNode(Node):
             self._install(rt)
         if rt is None:
             self.no_model += 1
+            self._note_observation(msg)
             return
         self.ticks += 1
         try:
@@ -406,6 +590,9 @@ class PolicyNode(Node):
             scheduler.set_plan(rt.chunk)
             self.plans += 1
         action, remaining = scheduler.next()
+        recent = self._recent
+        if recent is not None:  # what candidates are checked on before a swap
+            recent.add(obs, action)
         residual_slot = rt.residual
         try:
             residual = residual_slot.compute(obs, action)
@@ -426,6 +613,21 @@ class PolicyNode(Node):
         )
         self.published += 1
 
+    def _note_observation(self, msg: JointState) -> None:
+        """Without a model: keep well-formed observations for checking the first one (the
+        first observation fixes obs_dim when neither the parameter nor a model did)."""
+        try:
+            obs = vector_from_msg(msg, dim=self._obs_dim or len(msg.position))
+        except MessageError:
+            return
+        if self._recent is None:
+            if not obs.size:
+                return
+            self._fix_obs_dim(int(obs.size))
+            self.get_logger().info(f"obs_dim {obs.size} fixed by the first observation")
+        assert self._recent is not None
+        self._recent.add(obs)
+
     def _on_robot_status(self, msg: JointState) -> None:
         """Note where an episode starts (stamp of its step-0 status or of its first status)."""
         try:
@@ -438,47 +640,203 @@ class PolicyNode(Node):
             self._episode_start_ns = stamp_to_ns(msg.header.stamp)
         self._last_episode = episode
 
-    # ------------------------------------------------------------------ residual weights
-    def _on_weights(self, msg: UInt8MultiArray) -> None:
-        """Decode, verify, build and probe a residual blob, then stage it (not the control
-        thread)."""
-        self.weights_received += 1
-        start = time.perf_counter()
-        rt = self._staged
+    # ------------------------------------------------------------------ candidate checks
+    def _wait_for_observations(self, tag: str, cancelled: Callable[[], bool]) -> None:
+        """Block the worker until enough real observations were seen (or a newer job came)."""
+        needed = self.swap_config.min_observations
+        if not wait_for(
+            lambda: self._recent is not None and len(self._recent) >= needed, cancelled
+        ):
+            raise CandidateRefused(f"{tag}: replaced by a newer request before it was checked")
+
+    def _recent_snapshot(self) -> tuple[np.ndarray, np.ndarray]:
+        assert self._recent is not None
+        return self._recent.snapshot(self.swap_config.check_observations)
+
+    def _check_model(self, request: ModelRequest, cancelled: Callable[[], bool]) -> ModelVerdict:
+        """Worker thread: load and check a model file; never touches the control path."""
         try:
-            w = decode_residual(msg.data)
+            contract = self._contract(0.0)
+            policy = load_model_candidate(
+                resolve_model_path(request.path),
+                config=self.swap_config,
+                contract=contract,
+                providers=request.providers,
+                intra_op_threads=request.intra_op_threads,
+            )
+            if request.task not in policy.metadata.tasks:
+                raise ContractError(
+                    f"{policy.tag} does not know task {request.task!r} (its tasks: "
+                    f"{', '.join(policy.metadata.tasks)})"
+                )
+            self._wait_for_observations(policy.tag, cancelled)
+            contract = self._contract(policy.metadata.control_dt)
+            assert contract is not None
+            obs, base = self._recent_snapshot()
+            report = verify_candidate(
+                PolicyCandidate(policy, request.task),
+                obs,
+                base,
+                contract=contract,
+                config=self.swap_config,
+                rest_of_tick_s=self._residual_staged.cost_s,
+            )
+        except _REFUSALS as exc:
+            return ModelVerdict(request, reason=str(exc))
+        return ModelVerdict(request, policy=policy, report=report)
+
+    def _check_blob(self, raw: bytes, cancelled: Callable[[], bool]) -> BlobVerdict:
+        """Worker thread: deserialize, decode and check a residual blob."""
+        size = len(raw)
+        start = time.perf_counter()
+        try:
+            msg = deserialize_message(raw, UInt8MultiArray)
+            data = bytes(msg.data)
+            size = len(data)
+            check_blob_size(size, self.swap_config)
+            w = decode_residual(data)
+            rt = self._staged
             if rt is None:
                 raise WeightError(f"{w.tag}: no base model is loaded to check it against")
             meta = rt.policy.metadata
+            newest = self._lineage_newest
             check_compatible(
                 w,
                 obs_dim=meta.obs_dim,
                 action_dim=meta.action_dim,
                 base_tag=rt.policy.tag,
-                current=self._latest,
+                current=newest,
+            )
+            check_lineage(
+                w.tag,
+                version=w.version,
+                parent=w.parent,
+                newest=None if newest is None else newest.version,
+                config=self.swap_config,
             )
             actor = w.actor()
-            # Probe on a scratch slot: dims, tag format and a finite output on zeros.
+            # Dims, tag format and a finite output on zeros (a scratch slot).
             ResidualSlot(obs_dim=meta.obs_dim, action_dim=meta.action_dim).install(actor)
-        except (WeightError, ResidualError) as exc:
-            self.weights_refused += 1
-            self.last_weight_refusal = str(exc)
-            self.get_logger().warning(
-                f"refused residual weights ({len(msg.data)} bytes): {exc}; "
-                f"keeping {self._residual_staged_tag()}"
+            self._wait_for_observations(w.tag, cancelled)
+            contract = self._contract(meta.control_dt)
+            assert contract is not None
+            obs, base = self._recent_snapshot()
+            report = verify_candidate(
+                ResidualCandidate(actor),
+                obs,
+                base,
+                contract=contract,
+                config=self.swap_config,
+                rest_of_tick_s=rt.cost_s,
             )
+        except _REFUSALS as exc:
+            return BlobVerdict(size, reason=str(exc))
+        except Exception as exc:  # a message that does not even deserialize
+            return BlobVerdict(size, reason=f"not a UInt8MultiArray message: {exc}")
+        self._lineage_newest = w  # refused blobs never move the lineage
+        return BlobVerdict(
+            size,
+            prepare_s=time.perf_counter() - start,
+            weights=w,
+            actor=actor,
+            report=report,
+        )
+
+    def _apply_verdicts(self) -> None:
+        """Executor thread: stage what passed, report what did not."""
+        for kind, verdict in self._worker.drain():
+            self._pending.pop(kind, None)
+            if isinstance(verdict, ModelVerdict):
+                self._apply_model(verdict)
+            elif isinstance(verdict, BlobVerdict):
+                self._apply_blob(verdict)
+            else:  # a bug in a check: report it, keep running
+                self.get_logger().error(f"candidate check failed ({kind}): {verdict!r}")
+            for busy in self._worker.busy:
+                self._pending.setdefault(busy, "")
+
+    def _refuse_model(self, request: ModelRequest, reason: str) -> None:
+        self.refused += 1
+        self.last_refusal = f"{request.describe()}: {reason}"
+        self.get_logger().warning(
+            f"refused {request.describe()}: {reason}; keeping the running policy"
+        )
+        # The parameters go back to what runs, unless they were changed again meanwhile.
+        back = [
+            Parameter(k, value=request.previous[k])
+            for k, v in request.changes.items()
+            if self._config.get(k) == v
+        ]
+        if back:
+            self._reverting = True
+            try:
+                self.set_parameters(back)
+            finally:
+                self._reverting = False
+
+    def _apply_model(self, verdict: ModelVerdict) -> None:
+        request = verdict.request
+        if verdict.policy is None or verdict.report is None:
+            self._refuse_model(request, verdict.reason)
+            return
+        try:
+            rt = build_runtime(
+                self._config, verdict.policy, current=self._staged, cost_s=verdict.report.cost_s
+            )
+        except ContractError as exc:
+            self._refuse_model(request, str(exc))
+            return
+        self._staged = rt  # the next control tick switches to it
+        self._active_model_values = {k: self._config[k] for k in _RELOAD}
+        self.load_error = ""
+        self.last_check = verdict.report.describe()
+        self.get_logger().info(
+            f"staged {rt.policy.tag} from {rt.path} (providers "
+            f"{', '.join(rt.policy.providers)}, task {rt.task}); {self.last_check}; active "
+            "from the next tick"
+        )
+
+    def _refuse_blob(self, size: int, reason: str) -> None:
+        self.weights_refused += 1
+        self.last_weight_refusal = reason
+        self.get_logger().warning(
+            f"refused residual weights ({size} bytes): {reason}; "
+            f"keeping {self._residual_staged_tag()}"
+        )
+
+    def _apply_blob(self, verdict: BlobVerdict) -> None:
+        w, actor, report = verdict.weights, verdict.actor, verdict.report
+        if w is None or actor is None or report is None:
+            self._refuse_blob(verdict.size, verdict.reason)
             return
         self._latest = w
-        self._history[w.version] = (w, actor)
+        self._history[w.version] = (w, actor, report.cost_s)
         while len(self._history) > RESIDUAL_HISTORY:  # the pinned version is never evicted
             del self._history[next(v for v in self._history if v != self._residual_mode)]
         self.weights_accepted += 1
-        self.weight_prepare_ms = (time.perf_counter() - start) * 1e3
+        self.weight_prepare_ms = verdict.prepare_s * 1e3
+        self.last_check = report.describe()
         self._stage_residual()
         self.get_logger().info(
-            f"accepted residual {w.describe()} in {self.weight_prepare_ms:.1f} ms; "
+            f"accepted residual {w.describe()}; {self.last_check}; "
             f"residual_version={self._residual_mode} -> running {self._residual_staged_tag()}"
         )
+
+    # ------------------------------------------------------------------ residual weights
+    def _on_weights(self, raw: bytes) -> None:
+        """A serialized blob message: the size cap here, everything else on the worker."""
+        self.weights_received += 1
+        if len(raw) > self.swap_config.max_blob_bytes + _BLOB_FRAMING_BYTES:
+            self._refuse_blob(
+                len(raw),
+                f"message of {len(raw)} bytes is over the cap of "
+                f"{self.swap_config.max_blob_bytes} bytes (max_blob_bytes); not deserialized",
+            )
+            return
+        replaced = self._worker.submit("blob", lambda cancelled: self._check_blob(raw, cancelled))
+        self._pending["blob"] = f"residual blob of {len(raw)} bytes"
+        for _ in replaced:
+            self._refuse_blob(0, "replaced by a newer blob before it was checked")
 
     def _stage_residual(self) -> None:
         """Stage the residual that ``residual_version`` and the history call for."""
@@ -494,7 +852,7 @@ class PolicyNode(Node):
         elif entry[0] is self._residual_staged.weights:
             return
         else:
-            choice = ResidualChoice(weights=entry[0], actor=entry[1])
+            choice = ResidualChoice(weights=entry[0], actor=entry[1], cost_s=entry[2])
         self._residual_staged = choice  # the next control tick installs it
 
     def _residual_staged_tag(self) -> str:
@@ -503,7 +861,10 @@ class PolicyNode(Node):
 
     # ------------------------------------------------------------------ parameters
     def _on_change(self, changes: dict[str, Any]) -> str | None:
-        """Validate a parameter change; load a new model here, off the control thread."""
+        """Validate a parameter change; model files are queued for the worker thread."""
+        if self._reverting:  # a refused model's parameters going back to what runs
+            self._config.update(changes)
+            return None
         if "residual_version" in changes:
             version = int(changes["residual_version"])
             if version > 0 and version not in self._history:
@@ -515,25 +876,24 @@ class PolicyNode(Node):
                 self.last_refusal = f"residual_version={version}: {reason}"
                 self.get_logger().warning(f"refused residual_version={version}: {reason}")
                 return reason
-        if self._staged is None and "model" not in changes:
-            pass  # no model to check against: stored, validated with the next model load
-        elif any(k in changes for k in _RUNTIME):
+        reload = {k: v for k, v in changes.items() if k in _RELOAD}
+        if reload:
+            refusal = self._request_model(changes, reload)
+            if refusal is not None:
+                return refusal
+        elif self._staged is not None and any(k in changes for k in _RUNTIME):
             config = {**self._config, **changes}
-            reload = any(k in changes for k in _RELOAD)
             try:
-                rt = build_runtime(config, current=self._staged, reload=reload)
-            except (ContractError, ValueError) as exc:
+                rt = build_runtime(
+                    config, self._staged.policy, current=self._staged, cost_s=self._staged.cost_s
+                )
+            except ContractError as exc:
                 self.refused += 1
                 what = ", ".join(f"{k}={v}" for k, v in changes.items())
                 self.last_refusal = f"{what}: {exc}"
                 self.get_logger().warning(f"refused {what}: {exc}; keeping the running policy")
                 return str(exc)
             self._staged = rt  # the next control tick switches to it
-            self.load_error = ""
-            self.get_logger().info(
-                f"staged {rt.policy.tag} from {rt.path} (providers "
-                f"{', '.join(rt.policy.providers)}, task {rt.task}); active from the next tick"
-            )
         if "reset_on_episode" in changes:
             self._reset_on_episode = bool(changes["reset_on_episode"])
         if "residual_noise_std" in changes:
@@ -548,9 +908,43 @@ class PolicyNode(Node):
         self._config.update(changes)
         return None
 
+    def _request_model(self, changes: dict[str, Any], reload: dict[str, Any]) -> str | None:
+        """What can be judged without reading the file is answered now (missing, not a file,
+        over the size cap, unknown provider); the rest is queued for the worker thread."""
+        config = {**self._config, **changes}
+        what = ", ".join(f"{k}={v}" for k, v in changes.items())
+        try:
+            path = resolve_model_path(str(config["model"]))
+            check_model_file(path, self.swap_config)
+            import onnxruntime as ort
+
+            choose_providers(str(config["providers"]), ort.get_available_providers())
+        except _REFUSALS as exc:
+            self.refused += 1
+            self.last_refusal = f"{what}: {exc}"
+            self.get_logger().warning(f"refused {what}: {exc}; keeping the running policy")
+            return str(exc)
+        request = ModelRequest(
+            changes=dict(reload),
+            previous={k: self._active_model_values[k] for k in reload},
+            path=str(config["model"]),
+            task=str(config["task"]),
+            providers=str(config["providers"]),
+            intra_op_threads=int(config["intra_op_threads"]),
+        )
+        replaced = self._worker.submit(
+            "model", lambda cancelled: self._check_model(request, cancelled)
+        )
+        if replaced:
+            self.get_logger().info("a model request still waiting was replaced by a newer one")
+        self._pending["model"] = f"model {path.name} ({what})"
+        self.get_logger().info(f"checking {what} on the worker thread")
+        return None
+
     # ------------------------------------------------------------------ status
     def status(self) -> dict[str, Any]:
-        rt = self._active if self._active is not None else self._staged
+        rt = self._staged  # what runs from the next tick on
+        contract = self._contract(rt.policy.metadata.control_dt if rt else 0.0)
         return {
             "model": rt.policy.tag if rt else "",
             "path": rt.path if rt else "",
@@ -571,6 +965,15 @@ class PolicyNode(Node):
             "refused": self.refused,
             "last_refusal": self.last_refusal,
             "load_error": self.load_error,
+            "pending": sorted(v for v in self._pending.values() if v),
+            "last_check": self.last_check,
+            "obs_dim": self._obs_dim,
+            "action_dim": ROBOT_ACTION_DIM,
+            "tick_budget_ms": round(contract.tick_budget_s(self.swap_config) * 1e3, 3)
+            if contract
+            else 0.0,
+            "base_cost_ms": round(rt.cost_s * 1e3, 4) if rt else 0.0,
+            "residual_cost_ms": round(self._residual_staged.cost_s * 1e3, 4),
             "residual_version": self._residual_mode,
             "residual_history": list(self._history),
             "residual_latest": self._latest.tag if self._latest else "",
@@ -584,6 +987,9 @@ class PolicyNode(Node):
 
     def _publish_status(self) -> None:
         self._status_pub.publish(String(data=json.dumps(self.status())))
+
+    def shutdown(self) -> None:
+        self._worker.stop()
 
 
 def main(args: list[str] | None = None) -> int:
@@ -612,6 +1018,7 @@ def main(args: list[str] | None = None) -> int:
         return 2
     finally:
         if node is not None:
+            node.shutdown()
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
@@ -624,10 +1031,12 @@ if __name__ == "__main__":
 __all__ = [
     "DEFAULT_MODEL",
     "PARAMS",
+    "SWAP_PARAMS",
     "WEIGHTS_QOS",
     "PolicyNode",
     "ResidualChoice",
     "Runtime",
     "build_runtime",
     "main",
+    "swap_config",
 ]
