@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rosbags.highlevel import AnyReader
 
 from vlarl.bag.errors import BagError
-from vlarl.bag.metadata import check_metadata
+from vlarl.bag.metadata import check_metadata, load_metadata_file
 from vlarl.bag.writer import default_typestore
 
 
@@ -35,6 +34,8 @@ def _open(path: str | os.PathLike[str]) -> AnyReader:
     bag = Path(path)
     if not bag.exists():
         raise BagError(f"no bag at {bag}")
+    if (bag / "metadata.yaml").is_file():
+        load_metadata_file(bag / "metadata.yaml")  # bounded: refuse a YAML bomb before rosbags
     try:
         return AnyReader([bag], default_typestore=default_typestore())
     except Exception as exc:
@@ -88,9 +89,4 @@ def topic_types(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``rosbag2_bagfile_information`` map of a bag directory, checked as rosbag2 reads it."""
-    meta = Path(path) / "metadata.yaml"
-    try:
-        document = yaml.safe_load(meta.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise BagError(f"cannot read {meta}: {exc}") from exc
-    return check_metadata(document)
+    return check_metadata(load_metadata_file(Path(path) / "metadata.yaml"))
