@@ -229,10 +229,7 @@ def readable_error(path: Path, exc: BaseException) -> str:
         return "empty file"
     text = str(exc).strip()
     if isinstance(exc, OverflowError | MemoryError | struct.error | IndexError):
-        return (
-            f"damaged: a size or offset field is out of range ({type(exc).__name__}); "
-            "not a complete mcap/db3 file"
-        )
+        return "damaged: a size or offset field is out of range; not a complete mcap/db3 file"
     if type(exc).__name__ == "ReaderError" and text:
         return f"damaged or not a rosbag2 split: {text}"
     return f"damaged or not a rosbag2 split: {type(exc).__name__}" + (f": {text}" if text else "")
