@@ -276,6 +276,19 @@ class ResidualLearner:
             self.gated += 1
         return Candidate(version, parent, accepted, estimate, deployed, blob)
 
+    def adopt_deployed(
+        self, version: int, layers: list[tuple[np.ndarray, np.ndarray]], scale: float
+    ) -> None:
+        """Take a persisted deployed blob as the deployed version (restart after a crash).
+
+        A version number is spent once its blob is persisted, checkpoint or not: the next
+        candidate gets a higher one, so no version is ever minted twice.
+        """
+        self.state.version = max(self.state.version, int(version))
+        self.state.deployed_version = int(version)
+        self.deployed_layers = layers
+        self.deployed_scale = float(scale)
+
     def save(self) -> None:
         Path(self.config.checkpoint).parent.mkdir(parents=True, exist_ok=True)
         self.state.extra = {

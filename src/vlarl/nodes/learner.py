@@ -6,7 +6,13 @@ proposes a candidate every ``publish_every`` updates, and publishes each candida
 accepts on ``policy_weights`` (std_msgs/UInt8MultiArray; reliable, transient local, so a policy
 node that starts later still gets the newest version). It checkpoints after every published
 version and on shutdown; restarted on the same ``checkpoint`` and ``replay_dir`` it resumes and
-re-publishes the deployed version. It needs no simulator and no robot: it can run on another
+re-publishes the deployed version.
+
+One version, one blob, across crashes: an accepted candidate's blob is persisted (``<checkpoint
+stem>.deployed.safetensors``, atomic + fsync), then the checkpoint is saved, and only then is the
+blob published. On start, a persisted deployed blob is re-published byte for byte and its version
+counts as spent even when the checkpoint is older (killed between the two writes), so the next
+candidate gets a higher version. It needs no simulator and no robot: it can run on another
 machine of the same ROS 2 network, reading a replay folder the bridge fills there.
 """
 
@@ -134,7 +140,7 @@ class LearnerNode(Node):
         )
         self._status_pub = self.create_publisher(String, topics.LEARNER_STATUS, 10)
         self.create_timer(1.0 / float(self._p["status_rate_hz"]), self._publish_status)
-        if self.learner.resumed:
+        if self._deployed_path.exists():
             self._republish_deployed()
         self.get_logger().info(
             f"learner for {base.tag}: replay {config.replay_dir}, checkpoint "
@@ -166,8 +172,15 @@ class LearnerNode(Node):
         except (OSError, WeightError) as exc:
             self.get_logger().warning(f"no deployed version to re-publish: {exc}")
             return
-        self.learner.deployed_layers = [(w.copy(), b.copy()) for w, b in weights.layers]
-        self.learner.deployed_scale = weights.scale
+        if weights.model_id != self.learner.config.model_id:
+            self.get_logger().warning(
+                f"{self._deployed_path} holds {weights.tag}, not a {self.learner.config.model_id} "
+                "version: not re-published"
+            )
+            return
+        self.learner.adopt_deployed(
+            weights.version, [(w.copy(), b.copy()) for w, b in weights.layers], weights.scale
+        )
         self._publish_blob(blob)
         self.get_logger().info(f"re-published deployed {weights.tag}")
 
@@ -189,10 +202,11 @@ class LearnerNode(Node):
                 with self._lock:
                     candidate = learner.propose()
                 if candidate is not None and candidate.blob is not None:
+                    # persist before publishing: a crash in between re-publishes this very blob
                     atomic_write_bytes(self._deployed_path, candidate.blob, overwrite=True)
-                    self._publish_blob(candidate.blob)
                     with self._lock:
                         learner.save()
+                    self._publish_blob(candidate.blob)
                     self.get_logger().info(
                         f"published {learner.config.model_id}@{candidate.version} (parent "
                         f"{candidate.parent}, estimate {candidate.estimate:.3f} vs deployed "
