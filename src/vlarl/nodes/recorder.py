@@ -29,7 +29,6 @@ ensure_local_discovery()  # before rclpy is imported anywhere in this process
 
 import importlib  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -342,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
+    from vlarl.ros.executors import stop_on_signals
+
     args = list(sys.argv if argv is None else argv)
     # Our own SIGINT/SIGTERM handling: take what is still queued, then close the bag.
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
@@ -355,14 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         executor = SingleThreadedExecutor(context=node.context)
         executor.add_node(node)
 
-        def request_stop(signum: int, frame: Any) -> None:
-            assert node is not None
-            node.stop_requested = True
-
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+        stop = stop_on_signals()  # SIGINT/SIGTERM: stop (repeats ignored while the bag closes)
         try:
-            while not node.stop_requested:
+            while not (stop.is_set() or node.stop_requested):
                 executor.spin_once(timeout_sec=0.1)
             # Drain: keep taking messages until nothing arrived for a moment (at most 2 s).
             deadline = time.monotonic() + 2.0
