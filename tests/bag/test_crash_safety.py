@@ -186,3 +186,21 @@ def test_metadata_size_and_node_caps(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(MetadataError, match="YAML nodes"):
         parse_metadata_text("a: [" + ",".join(["1"] * 200) + "]\n")
     assert parse_metadata_text("a: [1, 2]\n") == {"a": [1, 2]}
+
+
+def test_live_bridge_notes_the_open_split_it_skips(tmp_path: Path) -> None:
+    from vlarl.bag.bridge import BridgeConfig, BridgeFollower
+
+    bag = tmp_path / "bags" / "live"
+    writer = SplitBagWriter(bag, fsync=False, max_bytes=3_000)
+    writer.add_topic("/a", "std_msgs/msg/String")
+    for i in range(40):
+        writer.write("/a", 1_000_000_000 + i, _cdr(f"m{i}" + "z" * 100))
+    writer.flush()
+    follower = BridgeFollower(tmp_path / "bags", tmp_path / "replay",
+                              config=BridgeConfig(grace_s=0.3, fsync=False))  # fmt: skip
+    follower.poll()
+    notes = follower.last_report.notes
+    assert any("not closed" in n for n in notes), notes
+    assert any("open split skipped" in n for n in notes), notes
+    writer.close()

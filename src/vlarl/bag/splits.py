@@ -14,7 +14,7 @@ metadata.yaml lists every split file and there is no ``.partial/``.
 split that cannot be read is reported with a readable reason, and for mcap files every intact
 chunk before the damage is salvaged with a sequential scan (mcap's stream reader, chunk CRCs
 checked: the vlarl writer puts one on every chunk and writes the open split's chunks out at
-least every 0.5 s).
+least every ``flush_period_s``, 0.25 s by default).
 
 Open splits: a vlarl bag whose recorder was killed keeps its open split in
 ``.partial/<name>_<k>/``; :func:`bag_layout` lists it (``open``, also in ``splits`` after the

@@ -15,11 +15,13 @@ rename) to list every closed split. A recorder that is SIGKILLed therefore leave
 ``metadata.yaml`` lists exactly the closed splits, all complete and readable.
 
 The open split (in ``.partial/``) is not lost either (mcap): its pending chunk is written out and
-handed to the OS at least every ``flush_period_s`` (0.5 s by default; :meth:`SplitBagWriter.write`
+handed to the OS at least every ``flush_period_s`` (0.25 s by default; :meth:`SplitBagWriter.write`
 and :meth:`SplitBagWriter.flush_if_due`, which a recorder calls from a timer for quiet topics),
-so a SIGKILL loses at most that long of messages per topic. Every chunk carries a CRC32 of its
-records (rosbags writes 0 there), so salvage (:func:`vlarl.bag.splits.read_split`) keeps each
-intact chunk of an unclosed or damaged split and stops at the first damaged one.
+so a SIGKILL loses at most that long of messages per topic (plus whatever the process had not
+yet taken from DDS: its receive delay, on a loaded machine the larger part). Every chunk
+carries a CRC32 of its records (rosbags writes 0 there), so salvage
+(:func:`vlarl.bag.splits.read_split`) keeps each intact chunk of an unclosed or damaged split
+and stops at the first damaged one.
 
 Messages arrive already serialized (CDR bytes, e.g. from an rclpy subscription with
 ``raw=True``): the writer never deserializes. Not thread-safe: call it from one thread.
@@ -62,7 +64,7 @@ PARTIAL_DIR = ".partial"
 RECORD_OVERHEAD_BYTES = 47
 """Bytes an mcap message costs besides its payload (record header + message-index entry)."""
 
-DEFAULT_FLUSH_PERIOD_S = 0.5
+DEFAULT_FLUSH_PERIOD_S = 0.25
 """How often the open split's pending mcap chunk is written out (bounds what a SIGKILL loses)."""
 
 _PLUGINS = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
