@@ -49,6 +49,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_LOST_S = 1.0
 TOPIC_PERIODS_S = {"robot/status": 1 / 80, "policy/action": 1 / 80, "teleop/twist": 1 / 16}
 OBS_DIM, ACT_DIM = 39, 4
+STARTED: list[Any] = []  # every node process started here: none may outlive the benchmark
+
+
+def start(name: str, **kwargs: Any) -> Any:
+    from vlarl.graph import start_node
+
+    node = start_node(name, **kwargs)
+    STARTED.append(node)
+    return node
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float) -> bool:
@@ -143,7 +152,6 @@ def recorder_kills(
     from rclpy.serialization import deserialize_message
 
     from vlarl.bag.splits import bag_layout, read_split
-    from vlarl.graph import start_node
 
     traffic = Traffic(context)
     runs: list[dict[str, Any]] = []
@@ -151,7 +159,7 @@ def recorder_kills(
         for k in range(kills):
             name = f"kill{k}"
             topics = traffic.begin(f"crash{k}")
-            recorder = start_node(
+            recorder = start(
                 "recorder",
                 domain_id=domain_id,
                 overrides={
@@ -308,7 +316,6 @@ def learner_kills(
     kills: int, rng: random.Random, context: Any, domain_id: int, work: Path, model: str
 ) -> dict[str, Any]:
     from vlarl.core.onnx_policy import OnnxPolicy
-    from vlarl.graph import start_node
     from vlarl.learning.residual_rl import load_learner
 
     replay = work / "replay"
@@ -335,7 +342,7 @@ def learner_kills(
         for k in range(kills):
             _write_episodes(replay, episodes=4, seed=k, tag=tag)
             before = log.newest()
-            learner = start_node(
+            learner = start(
                 "learner", domain_id=domain_id, overrides=settings, log_dir=work / "logs"
             )
             published = wait_for(lambda: log.newest() > before, 120.0)  # noqa: B023
@@ -364,8 +371,7 @@ def learner_kills(
             )
         # one last start: the versions after the final kill must not reuse a number either
         before = log.newest()
-        learner = start_node("learner", domain_id=domain_id, overrides=settings,
-                             log_dir=work / "logs")  # fmt: skip
+        learner = start("learner", domain_id=domain_id, overrides=settings, log_dir=work / "logs")
         _write_episodes(replay, episodes=4, seed=kills, tag=tag)
         wait_for(lambda: log.newest() > before, 120.0)
         learner.stop(timeout=20.0)
@@ -405,6 +411,8 @@ def main() -> int:
         recorder = recorder_kills(args.kills, rng, context, domain_id, work / "bags")
         learner = learner_kills(args.learner_kills, rng, context, domain_id, work / "learn", model)
     finally:
+        for node in STARTED:
+            node.kill()
         context.try_shutdown()
     runs = recorder["runs"]
     max_lost = max(max(r["lost_s"].values()) for r in runs)
