@@ -14,8 +14,9 @@ Learner: a real learner process trains on a replay folder that grows by four epi
 round, and is SIGKILLed at a random moment 1-6 s after its first published version of the
 round. Every other kill also restores the checkpoint copied before the last version was
 published: the state a kill between persisting a version's blob and checkpointing it leaves
-(the window of finding 7, too narrow to hit by chance). Every blob seen on ``policy_weights``
-is logged; ``version_reuse`` counts versions seen with more than one distinct blob.
+(the window of finding 7, too narrow to hit by chance). Every blob of this run's model id seen
+on ``policy_weights`` is logged; ``version_reuse`` counts versions seen with more than one
+distinct blob.
 
     python bench/crash.py [--kills 10] [--learner-kills 10] [--seed 0]
 
@@ -49,6 +50,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_LOST_S = 1.0
 TOPIC_PERIODS_S = {"robot/status": 1 / 80, "policy/action": 1 / 80, "teleop/twist": 1 / 16}
 OBS_DIM, ACT_DIM = 39, 4
+MODEL_ID = f"crash-bench-{os.getpid()}"  # only this run's blobs count (the domain is shared)
 STARTED: list[Any] = []  # every node process started here: none may outlive the benchmark
 
 
@@ -158,7 +160,7 @@ def recorder_kills(
     try:
         for k in range(kills):
             name = f"kill{k}"
-            topics = traffic.begin(f"crash{k}")
+            topics = traffic.begin(f"crash{os.getpid()}_{k}")
             recorder = start(
                 "recorder",
                 domain_id=domain_id,
@@ -189,10 +191,11 @@ def recorder_kills(
             receive_lag = 0.0
             on_disk: dict[str, list[tuple[int, int]]] = {t: [] for t in traffic.classes}
             listed = _listed_counts(work / name)
+            unlisted = 0  # complete but not yet listed: killed between the move and the listing
             for split in layout.splits:
                 read = read_split(split)
-                is_open = split in layout.open
-                if not is_open:
+                unlisted += split not in layout.closed and split not in layout.open
+                if split in layout.closed:
                     closed_messages += len(read.messages)
                     if read.error is not None or listed.get(split.name) != len(read.messages):
                         closed_intact = False
@@ -222,6 +225,7 @@ def recorder_kills(
                 "closed_splits_intact": closed_intact,
                 "closed_problems": closed_problems,
                 "open_splits": len(layout.open),
+                "unlisted_splits": unlisted,
                 "sent": dict(traffic.sent),
                 "on_disk": {t: len(v) for t, v in on_disk.items()},
                 "in_order_no_gap": in_order,
@@ -298,7 +302,10 @@ class WeightsLog:
         from vlarl.core.weights import decode_residual
 
         blob = bytes(msg.data)
-        version = decode_residual(blob).version
+        weights = decode_residual(blob)
+        version = weights.version
+        if weights.model_id != MODEL_ID:
+            return
         with self.lock:
             self.blobs.setdefault(version, set()).add(hashlib.sha256(blob).hexdigest())
             self.received += 1
@@ -325,6 +332,7 @@ def learner_kills(
         "base_model": model,
         "replay_dir": str(replay),
         "checkpoint": str(checkpoint),
+        "model_id": MODEL_ID,
         "probe_transitions": 0,
         "warmup_ramp": 0,
         "publish_every": 20,
@@ -425,6 +433,7 @@ def main() -> int:
         "closed_splits_intact": all(r["closed_splits_intact"] for r in runs),
         "in_order_no_gap": all(r["in_order_no_gap"] for r in runs),
         "closed_splits": sum(r["closed_splits"] for r in runs),
+        "unlisted_splits": sum(r["unlisted_splits"] for r in runs),
         "learner_kills": len(learner["rounds"]),
         "learner_crash_window_kills": sum(r["crash_window_restored"] for r in learner["rounds"]),
         "versions_published": len(learner["versions"]),

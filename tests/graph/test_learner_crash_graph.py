@@ -23,6 +23,7 @@ from vlarl.topics import POLICY_WEIGHTS
 pytestmark = pytest.mark.graph
 
 TIMEOUT = 60.0
+MODEL_ID = "crash-test"  # only this learner's blobs count (other tests may share the domain)
 
 
 class WeightsLog:
@@ -51,7 +52,10 @@ class WeightsLog:
 
     def _on_blob(self, msg: Any) -> None:
         blob = bytes(msg.data)
-        version = decode_residual(blob).version
+        weights = decode_residual(blob)
+        if weights.model_id != MODEL_ID:
+            return
+        version = weights.version
         with self.lock:
             self.blobs.setdefault(version, set()).add(hashlib.sha256(blob).hexdigest())
             self.order.append(version)
@@ -81,6 +85,7 @@ def test_restart_between_blob_and_checkpoint_never_reuses_a_version(
     settings = {
         **LEARNER,
         "publish_every": 20,
+        "model_id": MODEL_ID,
         "base_model": str(model),
         "replay_dir": str(replay),
         "checkpoint": str(checkpoint),
