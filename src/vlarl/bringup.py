@@ -6,6 +6,10 @@ records them to a rosbag2, and prints per-episode success, the control rate achi
 the bag is. The figures also go to ``<run folder>/bringup.json``. Bad arguments (an unknown
 task, a model that is missing, corrupt or does not know the task, an output that cannot be
 written) are refused before any node starts.
+
+SIGINT (Ctrl-C), SIGTERM and SIGHUP stop every node (each runs in its own process group, which
+is killed if a node outlives its Ctrl-C), then print the summary so far (episodes, bag, results)
+and exit with 128 + the signal number, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
@@ -35,6 +40,29 @@ from vlarl.graph import (
     stop_all,
 )
 from vlarl.rosenv import ensure_local_discovery
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Interrupted(Exception):
+    """A stop signal arrived (raised once, in the main thread, by the handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    for sig in STOP_SIGNALS:  # the first one wins; later ones must not break the clean-up
+        signal.signal(sig, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def _kill_process_groups(nodes: list[RunningNode]) -> None:
+    """SIGKILL what is left of each node's process group (its own session: start_new_session)."""
+    for node in nodes:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(node.process.pid, signal.SIGKILL)
 
 
 class BringupError(RuntimeError):
@@ -236,16 +264,34 @@ def run(args: argparse.Namespace) -> int:
         created=datetime.now(UTC).isoformat(timespec="seconds"),
     )
     nodes: list[RunningNode] = []
+    interrupted: Interrupted | None = None
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in STOP_SIGNALS}
     try:
-        for name in names:
-            nodes.append(
-                start_node(
-                    name, domain_id=domain_id, overrides=overrides.get(name), log_dir=log_dir
+        try:
+            for name in names:
+                nodes.append(
+                    start_node(
+                        name, domain_id=domain_id, overrides=overrides.get(name), log_dir=log_dir
+                    )
                 )
-            )
-        _supervise(args, names, nodes, result)
+            _supervise(args, names, nodes, result)
+        except Interrupted as exc:
+            interrupted = exc
+        finally:
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)  # nothing may cut the clean-up short
+            stop_all(nodes, timeout=10.0)
+            _kill_process_groups(nodes)
     finally:
-        stop_all(nodes, timeout=10.0)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if interrupted is not None:
+        done = len(result.episodes)
+        wins = sum(e.success for e in result.episodes)
+        _say(
+            f"interrupted by {interrupted} after {done}/{args.episodes} episodes "
+            f"({wins} successes); every node stopped"
+        )
 
     if args.record:
         bag_path = bag_dir / bag_name
@@ -256,16 +302,24 @@ def run(args: argparse.Namespace) -> int:
             counts = topic_counts(bag_path)
             result.bag_topics = counts
             result.bag_messages = sum(counts.values())
-            print(f"bag: {bag_path} ({result.bag_messages} messages, read back with rosbags)")
+            _say(f"bag: {bag_path} ({result.bag_messages} messages, read back with rosbags)")
         except Exception as exc:  # report, keep the episode results
-            print(f"bag: {bag_path} could not be read back: {exc}")
+            _say(f"bag: {bag_path} could not be read back: {exc}")
 
     results_path.parent.mkdir(parents=True, exist_ok=True)
     payload = asdict(result)
     results_path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"results: {results_path}")
+    _say(f"results: {results_path}")
+    if interrupted is not None:
+        return 128 + interrupted.signum
     done = len(result.episodes)
     return 0 if done == args.episodes else 1
+
+
+def _say(line: str) -> None:
+    """Print a summary line; after SIGHUP the terminal may be gone (then the JSON still is)."""
+    with contextlib.suppress(OSError):
+        print(line, flush=True)
 
 
 def _supervise(
@@ -279,13 +333,14 @@ def _supervise(
     from rclpy.client import Client
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from rclpy.signals import SignalHandlerOptions
     from sensor_msgs.msg import JointState
     from std_msgs.msg import String
     from std_srvs.srv import Trigger
 
     from vlarl import topics
 
-    rclpy.init()
+    rclpy.init(signal_handler_options=SignalHandlerOptions.NO)  # run() handles the signals
     node = rclpy.create_node("bringup_supervisor")
     executor = SingleThreadedExecutor()
     executor.add_node(node)
@@ -298,7 +353,7 @@ def _supervise(
         "safety": None,
         "episode_start": time.monotonic(),
     }
-    episodes: list[EpisodeResult] = []
+    episodes: list[EpisodeResult] = result.episodes  # filled as they end: kept on a Ctrl-C
     acting: _ActingStatus = {"residual": "", "learner": None}
 
     def on_status(msg: JointState) -> None:
@@ -388,7 +443,6 @@ def _supervise(
             if dead:
                 raise NodeExitError("died", dead)
         elapsed = time.monotonic() - (state["count_start"] or time.monotonic())
-        result.episodes = episodes
         result.steps = int(state["status_count"])
         result.control_rate_hz = round(state["status_count"] / elapsed, 1) if elapsed > 0 else 0.0
         result.success_rate = (

@@ -39,6 +39,11 @@ is written.
 skipped; from a damaged mcap the messages before the damage are salvaged; everything else is
 kept. Transitions that straddle the lost part are dropped and counted (``gap``/missing parts).
 
+**Unclosed bags.** A bag whose recorder was killed keeps its open split in ``.partial/``; the
+report's notes name the bag. While the bag may still grow its open split is skipped (and the
+notes say so); once it counts as finished (batch mode, or idle) the open split is read up to its
+last intact chunk and listed among the bad splits with what was salvaged.
+
 **Report.** :class:`BridgeReport`: messages read per topic, splits read, bad splits with their
 error, transitions and episodes written, shards, and dropped candidates by reason. The follower
 keeps a cumulative one in the ledger and writes it to ``bridge-report.json`` in the replay
@@ -626,6 +631,11 @@ class BridgeFollower:
                         entry["done"].append(split_id(name))
                         pending.report.bad_splits.append(
                             BadSplit(str(bag / name), "listed in metadata.yaml but missing")
+                        )
+                if not finished:
+                    for split in layout.open:
+                        pending.report.notes.append(
+                            f"{split}: open split skipped until the bag is closed or idle"
                         )
                 for split in new:
                     self._ingest(split, asm, pending.report)

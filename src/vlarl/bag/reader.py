@@ -22,10 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vlarl.bag.errors import BagError
-from vlarl.bag.metadata import check_metadata
+from vlarl.bag.metadata import check_metadata, load_metadata_file
 from vlarl.bag.splits import (
     bag_layout,
     bag_topics,
@@ -50,7 +48,11 @@ def _splits(path: str | os.PathLike[str]) -> list[Path]:
     bag = Path(path)
     if not bag.exists():
         raise BagError(f"no bag at {bag}")
-    splits = bag_layout(bag).splits
+    if (bag / "metadata.yaml").is_file():
+        load_metadata_file(bag / "metadata.yaml")  # bounded: refuse a YAML bomb before rosbags
+    layout = bag_layout(bag)
+    # An open split (a recorder killed mid-write) is read by the bridge, which salvages it.
+    splits = [split for split in layout.splits if split not in layout.open]
     if not splits and not (bag / "metadata.yaml").is_file():
         raise BagError(f"no bag at {bag}: no metadata.yaml, .mcap or .db3 files")
     return splits
@@ -171,9 +173,4 @@ def topic_types(path: str | os.PathLike[str]) -> dict[str, str]:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The ``rosbag2_bagfile_information`` map of a bag directory, checked as rosbag2 reads it."""
-    meta = Path(path) / "metadata.yaml"
-    try:
-        document = yaml.safe_load(meta.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise BagError(f"cannot read {meta}: {exc}") from exc
-    return check_metadata(document)
+    return check_metadata(load_metadata_file(Path(path) / "metadata.yaml"))

@@ -18,23 +18,29 @@ closed = listed in metadata.yaml, or followed by a later split file; the bag is 
 metadata.yaml lists every split file and there is no ``.partial/``.
 
 :func:`read_split` reads one split on its own (rosbags' reader for a single storage file); a
-split that cannot be read is reported with the reason, and for mcap files the messages before
-the damage are salvaged with a sequential scan (mcap's stream reader, CRCs checked).
+split that cannot be read is reported with a readable reason, and for mcap files every intact
+chunk before the damage is salvaged with a sequential scan (mcap's stream reader, chunk CRCs
+checked: the vlarl writer puts one on every chunk and writes the open split's chunks out at
+least every ``flush_period_s``, 0.25 s by default).
+
+Open splits: a vlarl bag whose recorder was killed keeps its open split in
+``.partial/<name>_<k>/``; :func:`bag_layout` lists it (``open``, also in ``splits`` after the
+closed ones) and says in its notes that the bag was not closed.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
 import tempfile
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from vlarl.bag.errors import UnknownTopicError
+from vlarl.bag.errors import MetadataError, UnknownTopicError
+from vlarl.bag.metadata import load_metadata_file
 from vlarl.bag.writer import PARTIAL_DIR, ros2_type_name
 
 STORAGE_SUFFIXES = (".mcap", ".db3")
@@ -42,7 +48,6 @@ COMPRESSED_SUFFIX = ".zstd"
 """What rosbag2's file compression appends to a split's name (the only format it ships)."""
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _SPLIT_NUMBER = re.compile(r"_(\d+)$")
-_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: 10x faster on long lists
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class BagLayout:
     finished: bool  # the recorder closed the bag (no more splits will come)
     missing: list[str] = field(default_factory=list)  # listed in metadata.yaml but absent
     notes: list[str] = field(default_factory=list)
+    open: list[Path] = field(default_factory=list)  # open splits in .partial/ (vlarl recorder)
 
 
 def storage_suffix(path: Path) -> str | None:
@@ -123,11 +129,13 @@ def _listed_files(bag: Path) -> tuple[list[str] | None, str | None]:
     if not meta.is_file():
         return None, None
     try:
-        doc = yaml.load(meta.read_text(encoding="utf-8"), Loader=_LOADER)
+        doc = load_metadata_file(meta)
         info = doc["rosbag2_bagfile_information"]
         paths = info.get("relative_file_paths") or []
         return [Path(str(p)).name for p in paths], None
-    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:
+    except MetadataError as exc:
+        return None, f"unreadable: {exc}"
+    except (KeyError, TypeError, AttributeError) as exc:
         return None, f"{meta}: unreadable ({exc})"
 
 
@@ -176,7 +184,32 @@ def bag_layout(path: str | os.PathLike[str]) -> BagLayout:
     finished = listed is not None and not partial and all(n in listed_set for n in on_disk)
     if listed is None and not problem:
         notes.append(f"{bag}: no metadata.yaml; splits found by their file names")
-    return BagLayout(bag, splits, closed, finished, missing, notes)
+    open_splits = _open_splits(bag, taken=set(on_disk) | set(listed or []))
+    if open_splits:
+        notes.append(
+            f"{bag}: not closed (its recorder is still writing, or was stopped without closing "
+            f"it); open split(s): " + ", ".join(str(p.relative_to(bag)) for p in open_splits)
+        )
+    return BagLayout(bag, splits + open_splits, closed, finished, missing, notes, open=open_splits)
+
+
+def _open_splits(bag: Path, *, taken: set[str]) -> list[Path]:
+    """Storage files in the vlarl writer's staging folder, in split order."""
+    stage = bag / PARTIAL_DIR
+    if not stage.is_dir():
+        return []
+    found: list[Path] = []
+    try:
+        for folder in stage.iterdir():
+            if folder.is_dir() and not folder.is_symlink():
+                found.extend(
+                    p
+                    for p in folder.iterdir()
+                    if is_storage_file(p) and p.is_file() and p.name not in taken
+                )
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: (_split_number(p) or 0, p.name))
 
 
 def bag_topics(path: str | os.PathLike[str]) -> dict[str, str]:
@@ -187,11 +220,11 @@ def bag_topics(path: str | os.PathLike[str]) -> dict[str, str]:
     meta = bag / "metadata.yaml"
     if bag.is_dir() and meta.is_file():
         try:
-            doc = yaml.load(meta.read_text(encoding="utf-8"), Loader=_LOADER)
+            doc = load_metadata_file(meta)
             for entry in doc["rosbag2_bagfile_information"]["topics_with_message_count"]:
                 topic = entry["topic_metadata"]
                 found[str(topic["name"])] = normalize_msgtype(str(topic["type"]))
-        except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        except (MetadataError, KeyError, TypeError, AttributeError):
             found = {}
         if found:
             return found
@@ -273,12 +306,30 @@ def read_split(path: Path, *, topics: Collection[str] | None = None) -> SplitRea
                     messages.append((conn.topic, int(timestamp), decompress_message(data)))
         return SplitRead(path, messages, types)
     except Exception as exc:  # rosbags, zstandard raise several types for damaged files
-        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        error = readable_error(path, exc)
     if path.suffix == ".mcap":
         salvaged, salvaged_types = _salvage_mcap(path, topics)
         if len(salvaged) > len(messages):
             messages, types = salvaged, salvaged_types or types
     return SplitRead(path, messages, types, error=error, salvaged=len(messages))
+
+
+def readable_error(path: Path, exc: BaseException) -> str:
+    """Why a split could not be read, in words (not e.g. "OverflowError: int too large")."""
+    if path.parent.parent.name == PARTIAL_DIR:
+        return "open split (its recorder was stopped before closing it): read to its last chunk"
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+    if size == 0:
+        return "empty file"
+    text = str(exc).strip()
+    if isinstance(exc, OverflowError | MemoryError | struct.error | IndexError):
+        return "damaged: a size or offset field is out of range; not a complete mcap/db3 file"
+    if type(exc).__name__ == "ReaderError" and text:
+        return f"damaged or not a rosbag2 split: {text}"
+    return f"damaged or not a rosbag2 split: {type(exc).__name__}" + (f": {text}" if text else "")
 
 
 def _salvage_mcap(
@@ -293,7 +344,9 @@ def _salvage_mcap(
     out: list[tuple[str, int, bytes]] = []
     try:
         with open(path, "rb") as handle:
-            reader = StreamReader(handle, validate_crcs=True, record_size_limit=1 << 30)
+            # no record can be longer than the file: a garbage length fails fast, never allocates
+            limit = max(1, min(1 << 30, os.fstat(handle.fileno()).st_size))
+            reader = StreamReader(handle, validate_crcs=True, record_size_limit=limit)
             for record in reader.records:
                 if isinstance(record, Schema):
                     schemas[record.id] = record.name

@@ -12,8 +12,16 @@ definitions and RIHS01 type hashes embedded) into a staging folder ``<bag>/.part
 when the split closes (its duration or size limit is reached, or the writer closes) the finished
 file moves into the bag directory and ``metadata.yaml`` is rewritten atomically (temp file +
 rename) to list every closed split. A recorder that is SIGKILLed therefore leaves a bag whose
-``metadata.yaml`` lists exactly the closed splits, all complete and readable; only the open
-split (left in ``.partial/``) is lost.
+``metadata.yaml`` lists exactly the closed splits, all complete and readable.
+
+The open split (in ``.partial/``) is not lost either (mcap): its pending chunk is written out and
+handed to the OS at least every ``flush_period_s`` (0.25 s by default; :meth:`SplitBagWriter.write`
+and :meth:`SplitBagWriter.flush_if_due`, which a recorder calls from a timer for quiet topics),
+so a SIGKILL loses at most that long of messages per topic (plus whatever the process had not
+yet taken from DDS: its receive delay, on a loaded machine the larger part). Every chunk
+carries a CRC32 of its records (rosbags writes 0 there), so salvage
+(:func:`vlarl.bag.splits.read_split`) keeps each intact chunk of an unclosed or damaged split
+and stops at the first damaged one.
 
 Messages arrive already serialized (CDR bytes, e.g. from an rclpy subscription with
 ``raw=True``): the writer never deserializes. Not thread-safe: call it from one thread.
@@ -23,15 +31,21 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
+import zlib
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from io import BytesIO
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import yaml
 from rosbags.interfaces import Connection, Qos
 from rosbags.rosbag2 import StoragePlugin, Writer
+from rosbags.rosbag2.storage_mcap import McapWriter, PendingChunk
 from rosbags.typesys import Stores, get_typestore
 from rosbags.typesys.store import Typestore
 
@@ -50,7 +64,80 @@ PARTIAL_DIR = ".partial"
 RECORD_OVERHEAD_BYTES = 47
 """Bytes an mcap message costs besides its payload (record header + message-index entry)."""
 
+DEFAULT_FLUSH_PERIOD_S = 0.25
+"""How often the open split's pending mcap chunk is written out (bounds what a SIGKILL loses)."""
+
 _PLUGINS = {"mcap": StoragePlugin.MCAP, "sqlite3": StoragePlugin.SQLITE3}
+
+
+class _CrcMcapWriter(McapWriter):
+    """rosbags' mcap storage with a CRC32 over each chunk's records (the mcap spec's
+    ``uncompressed_crc``; rosbags writes 0 = none), so salvage can tell an intact chunk from a
+    damaged one. Otherwise the same bytes as rosbags' ``close_chunk``."""
+
+    def close_chunk(self) -> None:
+        from rosbags.rosbag2.storage_mcap import (
+            write_record,
+            write_string,
+            write_uint16,
+            write_uint32,
+            write_uint64,
+        )
+
+        chunk = self.chunk
+        records = chunk.bio.getvalue()
+        rec = BytesIO()
+        write_uint64(rec, chunk.message_start_time)
+        write_uint64(rec, chunk.message_end_time)
+        write_uint64(rec, len(records))
+        write_uint32(rec, zlib.crc32(records))
+        compressed = self.compressor(records)
+        write_string(rec, self.compression)
+        write_uint64(rec, len(compressed))
+        rec.write(compressed)
+        chunk_start = self.bio.tell()
+        write_record(self.bio, 0x06, rec)
+        chunk_end = self.bio.tell()
+        offsets: list[tuple[int, int]] = []
+        for cid, msgs in chunk.msgs.items():
+            offsets.append((cid, self.bio.tell()))
+            rec = BytesIO()
+            write_uint16(rec, cid)
+            write_uint32(rec, len(msgs) * 16)
+            for ts, offset in msgs:
+                write_uint64(rec, ts)
+                write_uint64(rec, offset)
+            write_record(self.bio, 0x07, rec)
+        rec = BytesIO()
+        write_uint64(rec, chunk.message_start_time)
+        write_uint64(rec, chunk.message_end_time)
+        write_uint64(rec, chunk_start)
+        write_uint64(rec, chunk_end - chunk_start)
+        write_uint32(rec, len(offsets) * 10)
+        for cid, offset in offsets:
+            write_uint16(rec, cid)
+            write_uint64(rec, offset)
+        write_uint64(rec, self.bio.tell() - chunk_end)
+        write_string(rec, self.compression)
+        write_uint64(rec, len(compressed))
+        write_uint64(rec, len(records))
+        self.chunks.append(rec)
+        self.chunk = PendingChunk(2**63 - 1, 0, BytesIO(), defaultdict(list))
+
+    def flush_chunk(self) -> bool:
+        """Write the pending chunk (if any) and hand the file's bytes to the OS."""
+        wrote = self.chunk.bio.tell() > 0
+        if wrote:
+            self.close_chunk()
+        self.bio.flush()
+        return wrote
+
+
+class _Rosbag2Writer(Writer):
+    STORAGE_PLUGINS: Mapping[StoragePlugin, type[Any]] = {
+        **Writer.STORAGE_PLUGINS,
+        StoragePlugin.MCAP: _CrcMcapWriter,
+    }
 
 
 @cache
@@ -102,19 +189,23 @@ class SplitBagWriter:
         ros_distro: str = "kilted",
         custom_data: Mapping[str, str] | None = None,
         fsync: bool = True,
+        flush_period_s: float = DEFAULT_FLUSH_PERIOD_S,
     ) -> None:
         """Create the bag directory ``path`` (which must not exist) and an empty metadata.yaml.
 
         ``max_duration_s``/``max_bytes`` close a split once its messages span that long / once
         the next message would take it past that many bytes (0 = no limit). ``storage`` is
         ``mcap`` (default, like ``ros2 bag record``) or ``sqlite3``. ``fsync`` flushes each closed
-        split and metadata.yaml to disk before it is listed.
+        split and metadata.yaml to disk before it is listed. ``flush_period_s`` (mcap) writes the
+        open split's pending chunk out at least this often (0: only when it fills, 1 MiB).
         """
         self.path = Path(path)
         if storage not in _PLUGINS:
             raise BagError(f"storage must be one of {', '.join(_PLUGINS)}, got {storage!r}")
         if not (max_duration_s >= 0.0) or max_bytes < 0:
             raise BagError("split limits must be >= 0 (0 = no limit)")
+        if not (flush_period_s >= 0.0):
+            raise BagError("flush_period_s must be >= 0 (0 = flush only full chunks)")
         if self.path.exists() or self.path.is_symlink():
             raise BagExistsError(f"{self.path} exists already; refusing to overwrite a bag")
         try:
@@ -130,6 +221,8 @@ class SplitBagWriter:
         self.ros_distro = ros_distro
         self.custom_data = dict(custom_data) if custom_data else None
         self.fsync = fsync
+        self.flush_period_s = float(flush_period_s)
+        self._last_flush = time.monotonic()
         self._typestore = typestore
         self._topics: dict[str, _Topic] = {}
         self._files: list[FileRecord] = []
@@ -218,6 +311,26 @@ class SplitBagWriter:
             split.end_ns = timestamp_ns
         self._written += 1
         self._written_by_topic[topic] += 1
+        self.flush_if_due()
+
+    def flush_if_due(self, now_s: float | None = None) -> bool:
+        """Write out the open split's pending chunk if ``flush_period_s`` passed since the last
+        flush (``now_s``: ``time.monotonic()``). True if a chunk was written."""
+        if not self.flush_period_s or self._closed or self._split is None:
+            return False
+        now_s = time.monotonic() if now_s is None else now_s
+        if now_s - self._last_flush < self.flush_period_s:
+            return False
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Write the open split's pending chunk to its file now (mcap; a no-op for sqlite3)."""
+        self._last_flush = time.monotonic()
+        split = self._split
+        if self._closed or split is None:
+            return False
+        storage = split.writer.storage
+        return isinstance(storage, _CrcMcapWriter) and storage.flush_chunk()
 
     def rotate_if_due(self, now_ns: int) -> bool:
         """Close the open split if its duration limit passed at ``now_ns`` (for quiet topics)."""
@@ -309,7 +422,9 @@ class SplitBagWriter:
         stage = self.path / PARTIAL_DIR / f"{self.name}_{index}"
         if stage.exists():  # left over by nobody we know of: never write into it
             raise BagError(f"staging folder {stage} exists already")
-        writer = Writer(stage, version=METADATA_VERSION, storage_plugin=_PLUGINS[self.storage])
+        writer = _Rosbag2Writer(
+            stage, version=METADATA_VERSION, storage_plugin=_PLUGINS[self.storage]
+        )
         writer.open()
         connections = {name: self._connect(writer, topic) for name, topic in self._topics.items()}
         self._split = _OpenSplit(

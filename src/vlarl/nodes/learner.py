@@ -6,7 +6,13 @@ proposes a candidate every ``publish_every`` updates, and publishes each candida
 accepts on ``policy_weights`` (std_msgs/UInt8MultiArray; reliable, transient local, so a policy
 node that starts later still gets the newest version). It checkpoints after every published
 version and on shutdown; restarted on the same ``checkpoint`` and ``replay_dir`` it resumes and
-re-publishes the deployed version. It needs no simulator and no robot: it can run on another
+re-publishes the deployed version.
+
+One version, one blob, across crashes: an accepted candidate's blob is persisted (``<checkpoint
+stem>.deployed.safetensors``, atomic + fsync), then the checkpoint is saved, and only then is the
+blob published. On start, a persisted deployed blob is re-published byte for byte and its version
+counts as spent even when the checkpoint is older (killed between the two writes), so the next
+candidate gets a higher version. It needs no simulator and no robot: it can run on another
 machine of the same ROS 2 network, reading a replay folder the bridge fills there.
 """
 
@@ -217,6 +223,12 @@ class LearnerNode(Node):
         except (OSError, WeightError) as exc:
             self.get_logger().warning(f"no deployed version to re-publish: {exc}")
             return
+        if weights.model_id != self.learner.config.model_id:
+            self.get_logger().warning(
+                f"{self._deployed_path} holds {weights.tag}, not a {self.learner.config.model_id} "
+                "version: not re-published"
+            )
+            return
         with self._lock:
             self.learner.deployed_layers = [(w.copy(), b.copy()) for w, b in weights.layers]
             self.learner.deployed_scale = weights.scale
@@ -246,7 +258,7 @@ class LearnerNode(Node):
             if learner.agent.updates - last_propose >= learner.config.publish_every:
                 if not checked:
                     checked = self._check_safety_delta()
-                    if checked and learner.resumed:
+                    if checked and self._deployed_path.exists():
                         self._republish_deployed()
                 if checked:
                     last_propose = learner.agent.updates
@@ -267,11 +279,10 @@ class LearnerNode(Node):
                 )
                 return
             learner.promote(candidate)
-            # Persist before publishing: a version number that went out is in the checkpoint
-            # first, then the deployed blob; a restart re-publishes that blob, never a new one
-            # under the same number.
-            learner.save()
+            # Persist before publishing: the blob first, then the checkpoint; a restart
+            # re-publishes that blob and never mints its version again.
             atomic_write_bytes(self._deployed_path, candidate.blob, overwrite=True)
+            learner.save()
         self._publish_blob(candidate.blob)
         self.get_logger().info(
             f"published {learner.config.model_id}@{candidate.version} (parent "

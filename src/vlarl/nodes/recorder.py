@@ -10,6 +10,9 @@ A thin ROS adapter over :class:`vlarl.bag.writer.SplitBagWriter`:
 - each topic's offered QoS profiles and RIHS01 type hash go into the bag's metadata;
 - splits close by duration (``split_duration_s``) and size (``split_size_mb``); metadata.yaml is
   rewritten after every closed split, so a SIGKILL leaves every closed split listed and readable;
+- the open split's messages reach its file within ``flush_period_s`` (mcap chunks written out
+  by the writer and, for quiet topics, by a timer), so a SIGKILL loses at most that long of each
+  topic; the bridge and :func:`vlarl.bag.splits.read_split` salvage the open split;
 - Ctrl-C/SIGTERM: takes what is still queued, closes the bag, prints its path and counts.
 
 Default topics: robot/task_state, robot/status, joint_states, observation, policy/action,
@@ -26,7 +29,6 @@ ensure_local_discovery()  # before rclpy is imported anywhere in this process
 
 import importlib  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -56,7 +58,12 @@ from rosbags.interfaces import (  # noqa: E402
 
 from vlarl import topics  # noqa: E402
 from vlarl.bag.errors import BagError  # noqa: E402
-from vlarl.bag.writer import SplitBagWriter, default_typestore, ros2_type_name  # noqa: E402
+from vlarl.bag.writer import (  # noqa: E402
+    DEFAULT_FLUSH_PERIOD_S,
+    SplitBagWriter,
+    default_typestore,
+    ros2_type_name,
+)
 from vlarl.ros.params import Param, declare  # noqa: E402
 
 DEFAULT_TOPICS: tuple[str, ...] = (
@@ -88,6 +95,9 @@ PARAMS: tuple[Param, ...] = (
     Param("storage", "mcap", "rosbag2 storage plugin", choices=("mcap", "sqlite3"),
           read_only=True),
     Param("fsync", True, "flush each closed split and metadata.yaml to disk", read_only=True),
+    Param("flush_period_s", DEFAULT_FLUSH_PERIOD_S, "write the open split's messages to its "
+          "file at least this often (mcap; 0: only full 1 MiB chunks)", low=0.0, high=60.0,
+          read_only=True),
     Param("qos_depth", 1000, "subscription queue depth per topic", low=1, high=100_000,
           read_only=True),
     Param("status_period_s", 10.0, "log a line with the counts this often (0: never)",
@@ -197,6 +207,7 @@ class RecorderNode(Node):
                 ros_distro=os.environ.get("ROS_DISTRO") or "kilted",
                 custom_data={"recorded_by": "vlarl recorder"},
                 fsync=p["fsync"],
+                flush_period_s=p["flush_period_s"],
             )
         except BagError as exc:
             raise ValueError(str(exc)) from None
@@ -214,6 +225,8 @@ class RecorderNode(Node):
         if p["split_duration_s"] > 0:
             period = min(1.0, p["split_duration_s"] / 4.0)
             self.create_timer(period, self._rotate, clock=steady)
+        if p["flush_period_s"] > 0:
+            self.create_timer(p["flush_period_s"] / 4.0, self._flush, clock=steady)
         if p["status_period_s"] > 0:
             self.create_timer(p["status_period_s"], self.log_status, clock=steady)
         self.get_logger().info(
@@ -292,6 +305,15 @@ class RecorderNode(Node):
             self.write_errors += 1
             self.get_logger().error(f"cannot close a split of {self.bag_path}: {exc}")
 
+    def _flush(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.writer.flush_if_due()
+        except Exception as exc:
+            self.write_errors += 1
+            self.get_logger().error(f"cannot write to {self.bag_path}: {exc}")
+
     def summary(self) -> str:
         counts = self.writer.topic_counts()
         parts = ", ".join(f"{t} {n}" for t, n in sorted(counts.items()))
@@ -319,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
+    from vlarl.ros.executors import stop_on_signals
+
     args = list(sys.argv if argv is None else argv)
     # Our own SIGINT/SIGTERM handling: take what is still queued, then close the bag.
     rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
@@ -332,14 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         executor = SingleThreadedExecutor(context=node.context)
         executor.add_node(node)
 
-        def request_stop(signum: int, frame: Any) -> None:
-            assert node is not None
-            node.stop_requested = True
-
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+        stop = stop_on_signals()  # SIGINT/SIGTERM: stop (repeats ignored while the bag closes)
         try:
-            while not node.stop_requested:
+            while not (stop.is_set() or node.stop_requested):
                 executor.spin_once(timeout_sec=0.1)
             # Drain: keep taking messages until nothing arrived for a moment (at most 2 s).
             deadline = time.monotonic() + 2.0

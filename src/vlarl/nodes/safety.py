@@ -381,9 +381,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         executor.add_node(node)
 
         def request_stop(signum: int, frame: Any) -> None:
-            if node is None or node.stop_requested:
-                raise KeyboardInterrupt  # a second Ctrl-C: leave at once
-            node.stop_requested = True  # the next watchdog tick sends the hold and stops
+            # A repeat (ros2 launch's SIGINT right after the terminal's) must not cut the last
+            # hold's acknowledgement short (it is bounded: SHUTDOWN_ACK_TIMEOUT_S per publisher).
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if node is not None:
+                node.stop_requested = True  # the next watchdog tick sends the hold and stops
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
