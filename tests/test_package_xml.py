@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROSDEP_KEYS: dict[str, str | None] = {
     "torch": "python3-torch",
     "numpy": "python3-numpy",
+    "scipy": "python3-scipy",
     "mujoco": "python3-mujoco-pip",
     "metaworld": None,
     "gymnasium": "python3-gymnasium-pip",
@@ -32,6 +33,9 @@ ROSDEP_KEYS: dict[str, str | None] = {
     "transformers": "python3-transformers-pip",
     "rosbags": "python3-rosbags-pip",
     "mcap": None,
+    "zstandard": "python3-zstandard",
+    "pyarrow": None,
+    "av": None,
     "opencv-python-headless": "python3-opencv",
     "matplotlib": "python3-matplotlib",
     "tqdm": "python3-tqdm",

@@ -93,6 +93,7 @@ def test_restart_between_blob_and_checkpoint_never_reuses_a_version(
     _write_episodes(replay, tag="graph-policy@1", episodes=4, seed=0)
     log = WeightsLog(rclpy_context)
     try:
+        start("safety")  # the learner publishes only once safety's delta equals its own
         learner = start("learner", **settings)
         assert wait_until(lambda: log.newest() >= 1 and checkpoint.exists(), timeout=TIMEOUT)
         stale = tmp_path / "stale.safetensors"

@@ -24,6 +24,8 @@ import json, os, resource, sys, threading
 from vlarl.ros.realtime import current_policy, set_realtime_priority
 
 if sys.argv[2] == "unprivileged":
+    # start from normal scheduling whatever the parent runs with (a child inherits it)
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
     resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
     if os.geteuid() == 0:
         os.setgid(65534)
