@@ -125,8 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parsed = parser.parse_args(rest)
     try:
         return int(module.run(parsed))
-    except KeyboardInterrupt:
-        print(f"vlarl {verb}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # A verb may say where it stopped and how to go on (the exception's one-line text).
+        detail = f" {one_line(exc)}" if str(exc).strip() else ""
+        print(f"vlarl {verb}: interrupted{detail}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         # A failure the verb names itself (exit_code), or a user error: one line, no traceback.

@@ -118,6 +118,33 @@ def flat_values(config: Any) -> dict[str, Any]:
     return out
 
 
+def config_differences(
+    saved: Mapping[str, Any], config: Any, *, may_differ: frozenset[str] = frozenset()
+) -> list[str]:
+    """``name: saved -> now`` for each leaf setting of ``config`` that differs from ``saved``
+    (a config as ``config.json`` stores it); settings in ``may_differ`` and settings the saved
+    config does not have are not compared."""
+
+    def leaves(doc: Mapping[str, Any], like: Any) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(like):
+            if f.metadata.get("nested"):
+                inner = doc.get(f.name)
+                if isinstance(inner, Mapping):
+                    out.update(leaves(inner, getattr(like, f.name)))
+            elif f.name in doc:
+                out[f.name] = doc[f.name]
+        return out
+
+    before = leaves(saved, config)
+    now = json.loads(json.dumps(flat_values(config), default=_json_default))
+    return [
+        f"{name}: {before[name]!r} -> {value!r}"
+        for name, value in now.items()
+        if name not in may_differ and name in before and before[name] != value
+    ]
+
+
 def set_seed(seed: int) -> None:
     import torch
 
@@ -139,15 +166,44 @@ LOCK = ".lock"
 
 
 @contextlib.contextmanager
-def run_folder(path: str | os.PathLike[str], *, overwrite: bool, marker: str) -> Iterator[Path]:
+def run_folder(
+    path: str | os.PathLike[str],
+    *,
+    overwrite: bool,
+    marker: str,
+    resume_marker: str | None = None,
+    resume: bool = False,
+) -> Iterator[Path]:
     """Create and hold the run folder for one run.
 
     Refuses a folder holding ``marker`` (a finished run) unless ``overwrite``, and a folder
     another run is using (it holds ``.lock`` with that run's process id; delete a stale one).
+    A verb that can resume names its resume state (``resume_marker``, relative to the folder):
+    then a folder holding one (an interrupted run) is refused unless ``resume`` or
+    ``overwrite``, and ``resume`` needs one (and no ``marker``: a finished run has nothing to
+    resume).
     """
     run_dir = Path(path)
-    if (run_dir / marker).exists() and not overwrite:
+    if resume:
+        if resume_marker is None:
+            raise LearningError("this verb cannot resume a run")
+        if (run_dir / marker).exists():
+            raise LearningError(
+                f"{run_dir} holds a finished run ({marker}): nothing to resume; pass "
+                "--overwrite (without --resume) to run it again, or choose another --out"
+            )
+        if not (run_dir / resume_marker).is_file():
+            raise LearningError(
+                f"{run_dir} holds no interrupted run to resume (no {resume_marker}); "
+                "start it without --resume"
+            )
+    elif (run_dir / marker).exists() and not overwrite:
         raise LearningError(f"{run_dir / marker} exists; pass --overwrite or choose another --out")
+    elif resume_marker is not None and (run_dir / resume_marker).exists() and not overwrite:
+        raise LearningError(
+            f"{run_dir} holds an interrupted run ({resume_marker}); pass --resume to continue "
+            "it, --overwrite to start over, or choose another --out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / LOCK
     try:
@@ -176,8 +232,11 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def write_config(run_dir: Path, verb: str, config: Any) -> dict[str, Any]:
-    """Write ``config.json``: the verb, its config, the command line and package versions."""
+def write_config(
+    run_dir: Path, verb: str, config: Any, *, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write ``config.json``: the verb, its config, the command line and package versions
+    (and ``extra``, e.g. what a resumed run started as)."""
     doc = {
         "verb": verb,
         "config": dataclasses.asdict(config),
@@ -185,6 +244,7 @@ def write_config(run_dir: Path, verb: str, config: Any) -> dict[str, Any]:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
         "versions": _versions(),
+        **(extra or {}),
     }
     write_json(run_dir / "config.json", doc)
     return doc
@@ -209,13 +269,32 @@ def _json_default(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON line per call to ``metrics.jsonl``; ``summary`` writes metrics.json."""
+    """Appends one JSON line per call to ``metrics.jsonl``; ``summary`` writes metrics.json.
 
-    def __init__(self, run_dir: Path) -> None:
+    A resumed run keeps the first ``keep_bytes`` of the log (what its resume state covers; lines
+    after it describe work the resumed run redoes) and counts ``time_s`` from ``elapsed_s``.
+    """
+
+    def __init__(
+        self, run_dir: Path, *, keep_bytes: int | None = None, elapsed_s: float = 0.0
+    ) -> None:
         self.path = run_dir / "metrics.jsonl"
         self.summary_path = run_dir / "metrics.json"
-        self.path.write_text("")
-        self._t0 = time.perf_counter()
+        if keep_bytes is None:
+            self.path.write_text("")
+        else:
+            with open(self.path, "ab") as fh:
+                if fh.tell() < keep_bytes:
+                    raise LearningError(
+                        f"{self.path} is shorter ({fh.tell()} bytes) than its resume state says "
+                        f"({keep_bytes})"
+                    )
+                fh.truncate(keep_bytes)
+        self._t0 = time.perf_counter() - elapsed_s
+
+    def size(self) -> int:
+        """Bytes logged so far (what a resume state records to keep)."""
+        return self.path.stat().st_size if self.path.exists() else 0
 
     def log(self, **values: Any) -> None:
         values = {"time_s": round(time.perf_counter() - self._t0, 3), **values}
