@@ -160,3 +160,29 @@ def test_resume_needs_an_interrupted_run(tmp_path: Path) -> None:
     with pytest.raises(LearningError, match="no interrupted run to resume"):
         train(TrainResidualConfig(out=str(tmp_path / "none"), resume=True, progress=False))
     assert not (tmp_path / "none").exists()
+
+
+def test_run_folder_tells_an_interrupted_run_from_a_finished_one(tmp_path: Path) -> None:
+    from vlarl.learning.runs import run_folder
+
+    folder = tmp_path / "run"
+    markers = {"marker": "done", "resume_marker": "resume/state.json"}
+    with pytest.raises(LearningError, match="no interrupted run to resume"):
+        run_folder(folder, overwrite=False, resume=True, **markers).__enter__()
+    (folder / "resume").mkdir(parents=True)
+    (folder / "resume" / "state.json").write_text("{}")
+    with pytest.raises(LearningError, match="pass --resume to continue it, --overwrite"):
+        run_folder(folder, overwrite=False, **markers).__enter__()
+    with run_folder(folder, overwrite=False, resume=True, **markers) as held:
+        assert held == folder
+    with run_folder(folder, overwrite=True, **markers) as held:
+        assert held == folder
+    (folder / "done").write_text("")
+    with pytest.raises(LearningError, match="finished run"):
+        run_folder(folder, overwrite=False, resume=True, **markers).__enter__()
+    # A verb without a resume state is as before: only a finished run is refused.
+    (folder / "done").unlink()
+    with run_folder(folder, overwrite=False, marker="done"):
+        pass
+    with pytest.raises(LearningError, match="cannot resume"):
+        run_folder(folder, overwrite=False, marker="done", resume=True).__enter__()
