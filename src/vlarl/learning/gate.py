@@ -10,7 +10,8 @@ life. The rule, stated once:
   ``look_every`` more, up to ``max_episodes``: ``K`` looks in all.
 - At a look it computes ``P = P(p_candidate > p_deployed + margin | data)``. It **promotes**
   when ``P >= 1 - (1 - confidence) / K`` (the error budget split over the looks, Bonferroni),
-  **refuses early** when ``P <= (1 - confidence) / K`` (clearly not better), and otherwise
+  **refuses early** when ``P <= futility`` (hopeless: stopping for futility never promotes, so
+  it costs power, not false promotions) or ``P <= (1 - confidence) / K``, and otherwise
   continues; at the last look anything short of promotion is a refusal (the deployed version
   stays).
 - A candidate with no success never promotes, whatever the deployed version did (a tie at zero
@@ -46,6 +47,9 @@ class GateConfig:
     look_every: int = arg(5, "episodes per arm between looks")
     max_episodes: int = arg(30, "episodes per arm at the last look (then the deployed stays)")
     margin: float = arg(0.0, "the candidate must beat the deployed success rate by this")
+    futility: float = arg(
+        0.2, "refuse at a look where P(better) is at most this (ends hopeless trials early)"
+    )
 
     def __post_init__(self) -> None:
         if not 0.5 < self.confidence < 1.0:
@@ -56,6 +60,8 @@ class GateConfig:
             raise LearningError("gate max_episodes must be >= min_episodes")
         if not 0.0 <= self.margin < 1.0:
             raise LearningError(f"gate margin must be in [0, 1), got {self.margin}")
+        if not 0.0 <= self.futility < 0.5:
+            raise LearningError(f"gate futility must be in [0, 0.5), got {self.futility}")
 
     @property
     def looks(self) -> int:
@@ -144,8 +150,9 @@ class DeploymentGate:
         p = prob_better((sc, sd), (nc, nd), margin=c.margin)
         last = n >= c.max_episodes
         err = c.per_look_error
-        if p <= err:
-            accepted, reason = False, f"P(better) {p:.4f} <= {err:.4f}: clearly not better"
+        if p <= max(err, c.futility):
+            bound = max(err, c.futility)
+            accepted, reason = False, f"P(better) {p:.4f} <= {bound:.4f}: clearly not better"
         elif sc > 0 and p >= 1.0 - err:
             accepted, reason = True, f"P(better) {p:.4f} >= {1.0 - err:.4f}"
         elif last and sc == 0:
@@ -168,8 +175,8 @@ class DeploymentGate:
             rule=(
                 f"Beta(1,1) posteriors, promote if P(p_c > p_d + {c.margin}) >= "
                 f"1 - {1.0 - c.confidence:.3f}/{c.looks} at looks n = {c.min_episodes}, "
-                f"+{c.look_every} .. {c.max_episodes} per arm; no candidate success never "
-                "promotes"
+                f"+{c.look_every} .. {c.max_episodes} per arm, refuse if P <= "
+                f"{max(err, c.futility):.3f}; no candidate success never promotes"
             ),
         )
         if accepted:

@@ -208,6 +208,10 @@ class ResidualStage:
         self.learner.train(max_updates=int(self.learner.updates_owed))
         self.update_s += time.perf_counter() - u0
         due = self.learner.agent.updates - self.last_propose_at >= self.learner.config.publish_every
+        if self.gate is not None:
+            # A trial costs tens of episodes: none for a residual still ramping up from zero.
+            cfg = self.learner.config
+            due = due and self.learner.transitions >= cfg.probe_transitions + cfg.warmup_ramp
         if due and self.candidate is None:
             self.last_propose_at = self.learner.agent.updates
             proposal = self.learner.propose()
