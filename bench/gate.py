@@ -9,6 +9,8 @@ the constant residual that cancels the shift, a candidate known to be better. Ea
 fresh layouts, candidate and deployed taking turns, until its verdict:
 
 - ``worse`` trials: deployed = plain, candidate = broken -> a promotion is a false promotion;
+- ``equal`` trials: deployed = plain, candidate = plain under another name (the hardest case
+  for the error rate: p_candidate = p_deployed exactly) -> a promotion is a false promotion;
 - ``better`` trials: deployed = plain, candidate = corrected -> a promotion is a true one.
 
 Writes ``bench/results/gate.json`` (``false_promotion_rate``, ``true_promotion_rate``, the
@@ -36,6 +38,8 @@ from vlarl.sim.robot import MetaWorldRobot
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+KINDS = ("worse", "equal", "better")
+LAYOUT_OFFSET = {"worse": 0, "better": 500, "equal": 1000}  # each kind its own layouts
 
 
 class ConstantResidual:
@@ -58,7 +62,7 @@ def run_trial(
     offset = parse_offset(args.action_offset)
     robot = MetaWorldRobot(
         args.task,
-        seed=args.seed * 1000 + trial + (0 if kind == "worse" else 500),
+        seed=args.seed * 10_000 + trial + LAYOUT_OFFSET[kind],
         end_on_success=True,
         max_episode_steps=args.max_episode_steps,
         action_offset=offset,
@@ -67,11 +71,11 @@ def run_trial(
     rng = np.random.default_rng(trial)
     # (actor, noise std) of each arm
     deployed = (None, 0.0)
-    candidate = (
-        (ConstantResidual("broken@1", offset), args.noise)
-        if kind == "worse"
-        else (ConstantResidual("corrected@1", -offset), args.noise)
-    )
+    candidate = {
+        "worse": (ConstantResidual("broken@1", offset), args.noise),
+        "equal": (ConstantResidual("same@1", np.zeros_like(offset)), 0.0),
+        "better": (ConstantResidual("corrected@1", -offset), args.noise),
+    }[kind]
     gate = DeploymentGate(rule, deployed="deployed")
     gate.propose("candidate")
     episodes = 0
@@ -91,8 +95,9 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for ax, kind, color in zip(axes, ("worse", "better"), ("tab:red", "tab:green"), strict=True):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    colors = ("tab:red", "tab:orange", "tab:green")
+    for ax, kind, color in zip(axes, KINDS, colors, strict=True):
         trials = [t for t in doc["trials"] if t["kind"] == kind]
         acc = [t["episodes"] for t in trials if t["accepted"]]
         ref = [t["episodes"] for t in trials if not t["accepted"]]
@@ -131,7 +136,7 @@ def main() -> int:
     rule = GateConfig()
     t0 = time.perf_counter()
     trials = []
-    for kind in ("worse", "better"):
+    for kind in KINDS:
         for trial in range(args.trials):
             res = run_trial(kind, trial, args, base, rule)
             trials.append(res)
@@ -162,25 +167,28 @@ def main() -> int:
         "rule": trials[0]["rule"],
         "trials_per_kind": args.trials,
         "false_promotion_rate": rate("worse"),
+        "equal_promotion_rate": rate("equal"),
         "true_promotion_rate": rate("better"),
         "episodes_per_verdict": {
             kind: float(np.mean([t["episodes"] for t in trials if t["kind"] == kind]))
-            for kind in ("worse", "better")
+            for kind in KINDS
         },
         "observed_success": {
             "plain": (success("worse", "deployed") + success("better", "deployed")) / 2,
             "broken": success("worse", "candidate"),
             "corrected": success("better", "candidate"),
+            "plain_as_candidate": success("equal", "candidate"),
         },
         "trials": trials,
         "wall_s": round(time.perf_counter() - t0, 1),
         "machine": {"node": platform.node(), "python": platform.python_version()},
-        "goals": {"false_promotion_rate": "<= 0.05"},
+        "goals": {"false_promotion_rate": "<= 0.05", "equal_promotion_rate": "<= 0.05"},
     }
     out.write_text(json.dumps(doc, indent=2) + "\n")
     plot(doc, out.with_suffix(".png"))
     print(
-        f"false promotion rate {doc['false_promotion_rate']:.3f}, true promotion rate "
+        f"false promotion rate {doc['false_promotion_rate']:.3f} (equal candidate "
+        f"{doc['equal_promotion_rate']:.3f}), true promotion rate "
         f"{doc['true_promotion_rate']:.3f}, episodes per verdict {doc['episodes_per_verdict']}"
     )
     print(f"wrote {out} and {out.with_suffix('.png')}")

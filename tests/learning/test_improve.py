@@ -28,6 +28,7 @@ def test_improve_runs_every_stage_and_records_lineage(tmp_path: Path) -> None:
             learner=LearnerConfig(
                 agent=AgentConfig(hidden=16, critics=2, batch_size=16),
                 probe_transitions=100,
+                learning_starts=50,
                 warmup_ramp=50,
                 publish_every=50,
             ),

@@ -262,7 +262,8 @@ def _write_replay(
 
 
 def _learner_config(**overrides: object) -> LearnerConfig:
-    return LearnerConfig(agent=AgentConfig(**SMALL), **overrides)  # type: ignore[arg-type]
+    settings = {"learning_starts": 2, **overrides}  # tiny budgets: learn from the first batch
+    return LearnerConfig(agent=AgentConfig(**SMALL), **settings)  # type: ignore[arg-type]
 
 
 def test_learner_ingests_trains_gates_publishes_and_resumes(tmp_path: Path) -> None:

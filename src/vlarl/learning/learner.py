@@ -66,6 +66,11 @@ class LearnerConfig:
     nstep: int = arg(3, "n-step returns in the critic's target")
     normalize_obs: bool = arg(True, "standardise observations with the first data's statistics")
     probe_transitions: int = arg(1000, "the residual stays zero for this many transitions (probe)")
+    learning_starts: int = arg(
+        500,
+        "transitions before the first update; the input statistics come from them (they must "
+        "span several layouts: one episode's goal is constant)",
+    )
     warmup_ramp: int = arg(2000, "transitions over which the residual bound ramps to delta")
     publish_every: int = arg(500, "updates between candidate versions")
     prescreen: str = arg(
@@ -90,8 +95,10 @@ class LearnerConfig:
         for name in ("utd", "nstep", "publish_every", "prescreen_states"):
             if getattr(self, name) < 1:
                 raise LearningError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.probe_transitions < 0 or self.warmup_ramp < 0 or self.max_owed_updates < 0:
+        if min(self.probe_transitions, self.warmup_ramp, self.max_owed_updates) < 0:
             raise LearningError("probe_transitions, warmup_ramp, max_owed_updates must be >= 0")
+        if self.learning_starts < 2:
+            raise LearningError(f"learning_starts must be >= 2, got {self.learning_starts}")
 
 
 @dataclass
@@ -218,7 +225,8 @@ class ResidualLearner:
         self._extend_probe_without_success()
         # Owed = utd per transition, minus what the agent (possibly resumed) already ran and
         # what was forgiven.
-        owed = self.transitions * self.config.utd - self.agent.updates - self.updates_forgiven
+        learnable = max(0, self.transitions - self.config.learning_starts)
+        owed = learnable * self.config.utd - self.agent.updates - self.updates_forgiven
         if owed > self.config.max_owed_updates:
             self.updates_forgiven += int(owed - self.config.max_owed_updates)
             owed = self.config.max_owed_updates
@@ -229,6 +237,8 @@ class ResidualLearner:
     def train(self, max_updates: int) -> int:
         """Up to ``max_updates`` of the updates owed; returns how many ran."""
         if len(self.online) < self.config.agent.batch_size:
+            return 0
+        if self.agent.updates == 0 and len(self.online) < self.config.learning_starts:
             return 0
         n = int(min(max_updates, self.updates_owed))
         if n and self.agent.updates == 0 and self.config.normalize_obs:
