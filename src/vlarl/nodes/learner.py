@@ -369,12 +369,11 @@ class LearnerNode(Node):
                     checked = self._check_safety_delta()
                     if checked and self._deployed_path.exists():
                         self._republish_deployed()
-                if checked:
+                if checked and self.gate is None:
                     last_propose = learner.agent.updates
-                    if self.gate is None:
-                        self._propose_and_publish()
-                    else:
-                        self._propose_for_trial()
+                    self._propose_and_publish()
+                elif checked and self._propose_for_trial():
+                    last_propose = learner.agent.updates
             if not added and not ran:
                 self._stop.wait(float(self._p["poll_period_s"]))
 
@@ -414,8 +413,9 @@ class LearnerNode(Node):
         with self._gate_lock:
             return self.gate.blocked()
 
-    def _propose_for_trial(self) -> None:
-        """Propose a candidate and start its trial: pin the deployed version, then publish."""
+    def _propose_for_trial(self) -> bool:
+        """Propose a candidate and start its trial: pin the deployed version, then publish.
+        False when the gate cannot take a candidate now (it is proposed once it can)."""
         gate = self.gate
         assert gate is not None
         reason = self._gate_blocked()
@@ -424,18 +424,18 @@ class LearnerNode(Node):
                 if gate.phase == "idle":
                     gate.note = reason
             self.get_logger().info(f"no candidate proposed: {reason}", throttle_duration_sec=30.0)
-            return
+            return False
         learner = self.learner
         with self._lock:
             candidate = learner.propose()
             if candidate is None:
-                return
+                return True
             if candidate.blob is None:
                 self.get_logger().info(
                     f"pre-screen refused candidate {candidate.version}: estimate "
                     f"{candidate.estimate:.3f} < deployed {candidate.deployed_estimate:.3f}"
                 )
-                return
+                return True
             # The version is spent before its blob leaves: a restart never mints it again.
             learner.save()
         with self._gate_lock:
@@ -464,6 +464,7 @@ class LearnerNode(Node):
                 f"vs {candidate.deployed_estimate:.3f})"
             )
         self._run_actions(actions)
+        return True
 
     def _pin_now(self, pin: Pin) -> str:
         """Set the policy's residual_version and wait for the answer ('' = taken)."""
