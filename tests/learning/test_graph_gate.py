@@ -188,7 +188,11 @@ def test_a_blob_the_policy_refuses_ends_the_trial_refused() -> None:
     gate.pin_done(0)
     gate.published(weights_refused=2)
     assert gate.policy_status(status(0, [], refused=2)) == []  # an older refusal
-    out = gate.policy_status(status(0, [], refused=3, why="residual@1: output not finite"))
+    # The deployed blob, published again after an earlier refusal, is refused as not newer.
+    again = "residual@4 is not newer than the latest accepted residual@7 (older or replayed)"
+    assert gate.policy_status(status(0, [], refused=3, why=again)) == []
+    assert gate.phase == LOADING
+    out = gate.policy_status(status(0, [], refused=4, why="residual@1: output not finite"))
     (verdict,) = verdicts(out)
     assert not verdict.accepted and "output not finite" in verdict.reason
     assert verdict.candidate_episodes == 0 and gate.phase == IDLE and gate.deployed_version == 0

@@ -10,7 +10,8 @@ writes, seconds later; this class is the learner node's side of the same
    residual); only then does the node publish the candidate's blob, so the policy checks and
    loads it but does not act with it (phase ``loading``).
 2. The policy's status lists ``N`` among its loaded versions: phase ``trial``. A refusal of the
-   blob (its ``weights_refused`` counter moves and ``N`` is not loaded) ends the trial refused.
+   blob (its ``weights_refused`` counter moves, ``N`` is not loaded and the refusal does not name
+   only other versions, such as the deployed blob published again) ends the trial refused.
 3. At each episode boundary (``reward/episode``) the next arm is chosen and pinned: the arm with
    fewer episodes assigned so far, the candidate on ties (the rule of ``DeploymentGate.next_arm``,
    applied to the episodes assigned rather than to those already judged, because outcomes reach
@@ -32,6 +33,7 @@ is respected: the gate holds (no trial) until ``residual_version`` is set back t
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -233,8 +235,11 @@ class GraphGate:
             if self.candidate_version in loaded:
                 self.phase = TRIAL
             elif refused > self._refused_before:
-                why = status.get("last_weight_refusal", "") or "no reason given"
-                actions += self._end(f"the policy refused the candidate's blob: {why}")
+                why = str(status.get("last_weight_refusal", "")) or "no reason given"
+                if self._about_another_blob(why):
+                    self._refused_before = refused  # e.g. the deployed blob published again
+                else:
+                    actions += self._end(f"the policy refused the candidate's blob: {why}")
         if self.pending is not None or self.phase == PINNING:
             return actions
         if self.pin is not None and observed != self.pin:
@@ -261,6 +266,11 @@ class GraphGate:
         else:
             self._mismatches = 0
         return actions + self._towards_want()
+
+    def _about_another_blob(self, reason: str) -> bool:
+        """A refusal that names versions of this model, none of them the candidate."""
+        named = {int(v) for v in re.findall(rf"{re.escape(self.model_id)}@(\d+)", reason)}
+        return bool(named) and self.candidate_version not in named
 
     def on_boundary(self) -> list[Action]:
         """An episode ended (``reward/episode``): pin the arm that acts in the next one."""

@@ -561,7 +561,8 @@ class LearnerNode(Node):
                 self._on_verdict(action)
 
     def _on_verdict(self, verdict: Verdict) -> None:
-        candidate, self._trial = self._trial, None
+        with self._gate_lock:
+            candidate, self._trial = self._trial, None
         learner = self.learner
         if verdict.accepted:
             assert candidate is not None and candidate.blob is not None
