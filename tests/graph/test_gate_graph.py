@@ -15,6 +15,7 @@ import pytest
 from test_learner_graph import ACT_DIM, LEARNER, OBS_DIM, TIMEOUT, Harness, _write_episodes
 
 from model_factory import make_policy
+from vlarl.bag.reader import read_messages
 from vlarl.data.replay import ReplayWriter, Transitions
 from vlarl.graph import wait_until
 from vlarl.topics import EPISODE, LEARNER_GATE
@@ -92,6 +93,7 @@ def test_candidate_is_loaded_but_pinned_out_until_the_gate_promotes_it(
     checkpoint = tmp_path / "learner.safetensors"
     base = "graph-policy@1"
     _write_episodes(replay, tag=base, episodes=4, seed=0)
+    recorder = start("recorder", output_dir=str(tmp_path), bag_name="run", fsync=False)
     start("policy", model=str(model), task="pick-place-v3")
     start("safety")  # the learner publishes only once safety's delta equals its own
     start(
@@ -160,8 +162,18 @@ def test_candidate_is_loaded_but_pinned_out_until_the_gate_promotes_it(
         ), (h.learner[-1:], h.policy[-1:])
         assert checkpoint.with_suffix(".deployed.safetensors").exists()
         assert h.learner[-1]["gate"]["verdicts"] >= 1
+        assert recorder.stop(timeout=10.0) == 0
     finally:
         h.close()
+    # The verdict is in the bag.
+    from rclpy.serialization import deserialize_message
+    from std_msgs.msg import String
+
+    recorded = [
+        json.loads(deserialize_message(m.data, String).data)
+        for m in read_messages(tmp_path / "run", topics=["/" + LEARNER_GATE])
+    ]
+    assert recorded[:1] == [verdict]
 
 
 def test_learner_publishes_no_candidate_without_the_policy_parameter_service(
