@@ -204,3 +204,42 @@ def test_learner_publishes_no_candidate_without_the_policy_parameter_service(
         assert status["gate"]["phase"] == "idle" and not h.verdicts
     finally:
         h.close()
+
+
+def test_a_candidate_the_policy_refuses_ends_its_trial_refused(
+    start: Any, rclpy_context: Any, tmp_path: Path
+) -> None:
+    model = make_policy(model_id="graph-policy", version=1, seed=1).save(tmp_path / "base.onnx")
+    replay = tmp_path / "replay"
+    _write_episodes(replay, tag="graph-policy@1", episodes=4, seed=0)
+    start("policy", model=str(model), task="pick-place-v3", max_blob_bytes=256)
+    start("safety")
+    start(
+        "learner",
+        base_model=str(model),
+        replay_dir=str(replay),
+        checkpoint=str(tmp_path / "learner.safetensors"),
+        **GATED,
+    )
+    h = GateHarness(rclpy_context)
+    rng = np.random.default_rng(0)
+    try:
+        assert h.drive_until(lambda s: bool(s.verdicts), rng, TIMEOUT), h.learner[-1:]
+        with h.lock:
+            verdict = h.verdicts[0]
+            tags = set(h.tags)
+        assert not verdict["accepted"] and verdict["deployed"] == "graph-policy@1"
+        assert "the policy refused the candidate's blob" in verdict["reason"]
+        assert "max_blob_bytes" in verdict["reason"]
+        assert verdict["candidate_episodes"] == verdict["deployed_episodes"] == 0
+        assert tags == {"graph-policy@1"}  # nothing but the deployed version ever acted
+        assert wait_until(
+            lambda: (
+                h.learner[-1]["gate"]["verdicts"] >= 1
+                and h.learner[-1]["deployed_version"] == 0
+                and h.policy[-1]["residual_version"] == 0
+            ),
+            timeout=10.0,
+        ), (h.learner[-1:], h.policy[-1:])
+    finally:
+        h.close()
