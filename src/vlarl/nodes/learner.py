@@ -64,6 +64,7 @@ from vlarl.learning.errors import LearningError  # noqa: E402
 from vlarl.learning.gate import GateConfig, Verdict  # noqa: E402
 from vlarl.learning.graph_gate import (  # noqa: E402
     GRAPH_GATES,
+    IDLE,
     PINNING,
     Action,
     GraphGate,
@@ -339,7 +340,7 @@ class LearnerNode(Node):
             state.version = max(state.version, weights.version)
             state.deployed_version = weights.version
         with self._gate_lock:
-            if self.gate is not None and self.gate.phase == "idle":
+            if self.gate is not None and self.gate.phase == IDLE:
                 self.gate.set_deployed(weights.version)
         self._publish_blob(blob)
         self.get_logger().info(f"re-published deployed {weights.tag}")
@@ -421,7 +422,7 @@ class LearnerNode(Node):
         reason = self._gate_blocked()
         if reason is not None:
             with self._gate_lock:
-                if gate.phase == "idle":
+                if gate.phase == IDLE:
                     gate.note = reason
             self.get_logger().info(f"no candidate proposed: {reason}", throttle_duration_sec=30.0)
             return False
