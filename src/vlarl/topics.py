@@ -55,6 +55,7 @@ HUMAN_LABEL = "reward/human_label"
 TELEOP = "teleop/twist"
 POLICY_WEIGHTS = "policy_weights"
 LEARNER_STATUS = "learner/status"
+LEARNER_GATE = "learner/gate"
 BRIDGE_STATUS = "bridge/status"
 MARKERS = "visualization/markers"
 
@@ -196,7 +197,17 @@ TOPICS: tuple[TopicSpec, ...] = (
         "learner",
         "status_rate_hz (1)",
         "JSON: transitions ingested, buffers, updates, version / deployed version, residual "
-        "scale, published / gated candidates, recent success, episodes and successes per tag",
+        "scale, published / gated candidates, recent success, episodes and successes per tag; "
+        "gate: mode, phase, candidate and deployed tags, tally per arm, verdicts, hold, note",
+    ),
+    TopicSpec(
+        LEARNER_GATE,
+        "std_msgs/String",
+        "learner",
+        "once per verdict",
+        "JSON: candidate, deployed (version tags), accepted, reason, probability, threshold, "
+        "candidate / deployed episodes and successes, rule, env_steps; QoS reliable, transient "
+        "local, depth 20",
     ),
     TopicSpec(
         POLICY_WEIGHTS,

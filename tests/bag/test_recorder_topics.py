@@ -29,6 +29,7 @@ def test_default_topics_are_the_control_path() -> None:
         topics.EPISODE,
         topics.HUMAN_LABEL,
         topics.TELEOP,
+        topics.LEARNER_GATE,
     }
     types = {p.name: p.msgtype for p in plans}
     assert types[topics.POLICY_ACTION] == "trajectory_msgs/msg/JointTrajectory"

@@ -7,7 +7,9 @@ same code:
 
 1. :meth:`add` splits an episode into the offline buffer (successful episodes acted by the base
    alone, and every intervention step: HIL-SERL puts those in both buffers) and the online
-   buffer (everything), and counts episodes and successes per acting version tag;
+   buffer (everything), counts episodes and successes per acting version tag, and keeps each
+   episode's :class:`EpisodeOutcome` (the tag that acted most, its share of the steps, the
+   success flag) for :meth:`take_outcomes` (the graph's deployment gate reads them);
 2. :meth:`train` runs the SAC/RLPD updates owed (``utd`` per transition; the actor every
    ``utd``-th update). A learner that cannot keep up says so (``achieved_utd``,
    ``updates_owed``) and forgives debt beyond ``max_owed_updates`` (``updates_forgiven``) instead
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -101,6 +103,18 @@ class LearnerConfig:
             raise LearningError(f"learning_starts must be >= 2, got {self.learning_starts}")
 
 
+@dataclass(frozen=True)
+class EpisodeOutcome:
+    """One added episode as a deployment gate sees it."""
+
+    tag: str  # the version tag that acted in most of its steps
+    share: float  # the share of its steps that tag acted in (1.0: one version throughout)
+    success: bool  # the episode's success flag (the reward node's judgement in the graph)
+
+
+OUTCOMES_KEPT = 10_000  # outcomes not taken are dropped oldest first beyond this
+
+
 @dataclass
 class Candidate:
     """A candidate version (``blob`` None when the critic's pre-screen refused it)."""
@@ -166,6 +180,7 @@ class ResidualLearner:
         self.bad_shards: dict[str, str] = {}
         self.episodes_by_tag: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.recent_episodes: list[tuple[str, bool]] = []
+        self.outcomes: deque[EpisodeOutcome] = deque(maxlen=OUTCOMES_KEPT)
         self.deployed_layers: list[tuple[np.ndarray, np.ndarray]] | None = None
         self.deployed_scale = float(self.state.extra.get("deployed_scale", 0.0))
         self.published: list[dict[str, Any]] = list(self.state.extra.get("published", []))
@@ -206,7 +221,8 @@ class ResidualLearner:
             return 0
         cols = episode_columns(data, gamma=self.config.agent.gamma, nstep=self.config.nstep)
         self.online.add(**cols)
-        tags = np.asarray(list(versions), dtype=object)[data.policy_version]
+        names = np.asarray(list(versions), dtype=object)
+        tags = names[data.policy_version]
         offline_rows = data.intervention.astype(bool)
         for _, rows in data.episodes():
             tag = str(tags[rows[0]])
@@ -215,6 +231,11 @@ class ResidualLearner:
             counts[0] += 1
             counts[1] += int(ok)
             self.recent_episodes.append((tag, ok))
+            acted, steps = np.unique(data.policy_version[rows], return_counts=True)
+            most = int(np.argmax(steps))
+            self.outcomes.append(
+                EpisodeOutcome(str(names[acted[most]]), float(steps[most] / len(rows)), ok)
+            )
             if ok and "+" not in tag and tag != "teleop":
                 offline_rows[rows] = True
         if offline_rows.any():
@@ -232,6 +253,12 @@ class ResidualLearner:
             owed = self.config.max_owed_updates
         self.updates_owed = max(0.0, float(owed))
         return len(data)
+
+    def take_outcomes(self) -> list[EpisodeOutcome]:
+        """The outcomes of the episodes added since the last call, oldest first."""
+        out = list(self.outcomes)
+        self.outcomes.clear()
+        return out
 
     # ------------------------------------------------------------------ learning
     def train(self, max_updates: int) -> int:
@@ -397,4 +424,4 @@ class ResidualLearner:
         return json.dumps(self.status(), default=float)
 
 
-__all__ = ["Candidate", "LearnerConfig", "ResidualLearner"]
+__all__ = ["Candidate", "EpisodeOutcome", "LearnerConfig", "ResidualLearner"]

@@ -16,9 +16,10 @@ A thin ROS adapter over :class:`vlarl.bag.writer.SplitBagWriter`:
 - Ctrl-C/SIGTERM: takes what is still queued, closes the bag, prints its path and counts.
 
 Default topics: robot/task_state, robot/status, joint_states, observation, policy/action,
-safety/command, safety/status, reward, reward/episode, reward/human_label, teleop/twist (+
-camera/image_raw with ``record_images``). ``topics`` overrides the list: comma-separated names
-from the topic table, or ``name:pkg/Type`` for anything else.
+safety/command, safety/status, reward, reward/episode, reward/human_label, teleop/twist,
+learner/gate (the deployment gate's verdicts) (+ camera/image_raw with ``record_images``).
+``topics`` overrides the list: comma-separated names from the topic table, or ``name:pkg/Type``
+for anything else.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ DEFAULT_TOPICS: tuple[str, ...] = (
     topics.EPISODE,
     topics.HUMAN_LABEL,
     topics.TELEOP,
+    topics.LEARNER_GATE,
 )
 _TYPES = {spec.name: spec.msg_type for spec in topics.TOPICS if spec.kind == "topic"}
 
