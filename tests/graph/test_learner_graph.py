@@ -26,7 +26,7 @@ OBS_DIM, ACT_DIM = 39, 4
 TIMEOUT = 60.0
 LEARNER = {
     "probe_transitions": 0,
-    "learning_starts": 2,
+    "learning_starts": 0,
     "warmup_ramp": 0,
     "publish_every": 40,
     "utd": 1,

@@ -262,7 +262,7 @@ def _write_replay(
 
 
 def _learner_config(**overrides: object) -> LearnerConfig:
-    settings = {"learning_starts": 2, **overrides}  # tiny budgets: learn from the first batch
+    settings = {"learning_starts": 0, **overrides}  # tiny budgets: learn from the first batch
     return LearnerConfig(agent=AgentConfig(**SMALL), **settings)  # type: ignore[arg-type]
 
 

@@ -74,7 +74,7 @@ class LearnerConfig:
         "span several layouts: one episode's goal is constant)",
     )
     warmup_ramp: int = arg(2000, "transitions over which the residual bound ramps to delta")
-    publish_every: int = arg(500, "updates between candidate versions")
+    publish_every: int = arg(100, "updates between candidate versions")
     prescreen: str = arg(
         "critic",
         "critic: a candidate the critic rates below the deployed version by more than "
@@ -99,8 +99,8 @@ class LearnerConfig:
                 raise LearningError(f"{name} must be >= 1, got {getattr(self, name)}")
         if min(self.probe_transitions, self.warmup_ramp, self.max_owed_updates) < 0:
             raise LearningError("probe_transitions, warmup_ramp, max_owed_updates must be >= 0")
-        if self.learning_starts < 2:
-            raise LearningError(f"learning_starts must be >= 2, got {self.learning_starts}")
+        if self.learning_starts < 0:
+            raise LearningError(f"learning_starts must be >= 0, got {self.learning_starts}")
 
 
 @dataclass(frozen=True)

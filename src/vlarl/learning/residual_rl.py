@@ -95,7 +95,9 @@ class AgentConfig:
     bc_weight: float = arg(0.5, "PAC-style pull of the residual toward zero at the start")
     bc_decay_updates: int = arg(8_000, "updates over which that pull fades to bc_floor")
     bc_floor: float = arg(0.0, "the pull's weight after it has faded")
-    actor_ema: float = arg(0.002, "Polyak rate of the averaged actor that is deployed (0 = off)")
+    actor_ema: float = arg(
+        0.0, "Polyak rate of an averaged actor deployed instead of the live one (0 = off)"
+    )
     actor_pessimism: float = arg(0.5, "the actor maximises mean - this * std of the critics' Q")
 
     @classmethod
