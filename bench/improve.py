@@ -78,7 +78,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for seed, run in doc["runs"].items():
+    labelled: set[str] = set()
+    for run in doc["runs"].values():
         xs, ys, kinds = [0], [run["original_base_success"]], ["base"]
         steps = 0
         for r in run["rounds"]:
@@ -94,7 +95,8 @@ def plot(doc: dict[str, Any], path: Path) -> None:
         ax.plot(xs, ys, "-", color="gray", alpha=0.4)
         for x, y, k in zip(xs, ys, kinds, strict=True):
             color = {"base": "tab:blue", "base + residual": "tab:green"}.get(k, "tab:purple")
-            ax.plot(x, y, "o", color=color, label=k if seed == next(iter(doc["runs"])) else None)
+            ax.plot(x, y, "o", color=color, label=None if k in labelled else k)
+            labelled.add(k)
     ax.axhline(0.95, color="k", ls=":", lw=1, label="goal 0.95")
     ax.set_xlabel("environment steps (all stages)")
     ax.set_ylabel(f"success ({doc['eval_episodes']} held-out layouts)")
