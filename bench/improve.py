@@ -134,6 +134,7 @@ def main() -> int:
         "eval_episodes": args.eval_episodes,
         "rounds": args.rounds,
         "residual_steps": args.residual_steps,
+        "improve_flags": args.extra,
         "final_base_alone_success": sum(r["final_base_alone_success"] for r in runs) / n,
         "original_base_success": sum(r["original_base_success"] for r in runs) / n,
         "total_env_steps": sum(r["env_steps"] for r in runs) / n,

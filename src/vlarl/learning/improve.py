@@ -84,7 +84,12 @@ class ImproveConfig:
     )
     max_episode_steps: int = arg(120, "training and rollout episodes are truncated here")
     residual_noise_std: float = arg(EXPLORATION_NOISE_STD, "exploration noise on the residual")
-    gate: str = arg("rollouts", "residual versions: rollouts (gated) | none (every candidate)")
+    gate: str = arg(
+        "none",
+        "residual versions during the residual stage: none (every pre-screened candidate acts; "
+        "measured faster, bench/results/learning.json) | rollouts (each on the gate's verdict); "
+        "base versions always go through the gate",
+    )
     gate_rule: GateConfig = nested(GateConfig, "the deployment gate's rule")  # noqa: RUF009
     learner: LearnerConfig = nested(  # noqa: RUF009
         LearnerConfig, "the learner core (its seed also seeds the layouts)"
