@@ -25,7 +25,7 @@ TINY_FLAGS = [
     "--eval-max-steps", "10", "--max-episode-steps", "30", "--no-progress", "--gate", "none",
     "--action-offset", "0,0.2,0,0", "--hidden", "32", "--critics", "3", "--batch-size", "32",
     "--publish-every", "20", "--max-probe-extensions", "0", "--probe-transitions", "40",
-    "--warmup-ramp", "40",
+    "--warmup-ramp", "40", "--learning-starts", "0",
 ]  # fmt: skip
 
 
