@@ -119,3 +119,58 @@ def test_base_swap_starts_a_fresh_learner_and_a_rollback_resumes(
         )
     finally:
         h.close()
+
+
+def test_a_base_swap_abandons_the_running_trial_without_a_verdict(
+    start: Any, rclpy_context: Any, tmp_path: Path
+) -> None:
+    model_a = make_policy(model_id="graph-policy", version=1, seed=1).save(tmp_path / "a.onnx")
+    model_b = make_policy(model_id="graph-policy", version=2, seed=2).save(tmp_path / "b.onnx")
+    replay = tmp_path / "replay"
+    _write_episodes(replay, tag=A, episodes=4, seed=0)
+    start("policy", model=str(model_a), task="pick-place-v3")
+    start("safety")
+    start(
+        "learner",
+        base_model=str(model_a),
+        replay_dir=str(replay),
+        checkpoint=str(tmp_path / "learner.safetensors"),
+        **{**LEARNER, "gate": "rollouts", "policy_timeout_s": 5.0},
+    )
+    h = Harness(rclpy_context)
+    rng = np.random.default_rng(0)
+
+    def gate(s: Harness) -> dict[str, Any]:
+        return s.learner[-1]["gate"] if s.learner else {}
+
+    try:
+        # A candidate of A is on trial (loaded on the policy, the deployed zero residual pinned).
+        on_trial = h.drive_until(lambda s: gate(s).get("phase") == "trial", rng, TIMEOUT)
+        assert on_trial, h.learner[-1:]
+        assert gate(h)["candidate"].startswith(f"{A}+residual@")
+        _set_model(h, model_b)
+
+        def started_over(s: Harness) -> bool:
+            g = gate(s)
+            return (
+                s.learner[-1]["base"] == B
+                and g["phase"] == "idle"
+                and g["deployed"] == B  # the zero residual on B
+                and g["residual_version"] == 0
+            )
+
+        assert h.drive_until(started_over, rng, TIMEOUT), h.learner[-1:]
+        with h.lock:
+            g = gate(h)
+        assert g["verdicts"] == 0 and g["last_verdict"] is None  # nothing was decided
+        # B's learner has no episode of B yet (A's are not its data): no candidate of B either.
+        assert g["note"] == f"started over on base {B}" and g["candidate"] == ""
+
+        def ingested(s: Harness) -> bool:
+            return s.learner[-1]["foreign_transitions"] == 100  # A's 4 episodes, left out
+
+        assert h.drive_until(ingested, rng, TIMEOUT), h.learner[-1:]
+        with h.lock:
+            assert h.learner[-1]["transitions"] == 0 and gate(h)["candidate"] == ""
+    finally:
+        h.close()

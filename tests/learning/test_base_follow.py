@@ -124,6 +124,15 @@ def test_swap_starts_fresh_rollback_resumes_and_foreign_rows_are_left_out(
     assert again is not None and again.resumed
     assert follower.learner.state.version == second + 1
 
+    # Restarted on A (a new process): B's checkpoint holds the highest version minted so far,
+    # and the start-up learner never mints at or below it.
+    follower.learner.save()
+    restarted = BaseFollower(_config(), base=a, checkpoint=checkpoint, replay_dir=replay)
+    assert restarted.minted_by_other_bases() == second + 1
+    assert restarted.learner.resumed and restarted.learner.state.version == second + 1
+    _write(replay, ["pol@1"] * 2, seed=2)  # new data: updates are owed again
+    assert _learn_and_mint(restarted.learner) == second + 2
+
 
 def test_a_base_that_cannot_be_checked_is_refused(tmp_path: Path) -> None:
     models = _models(tmp_path)

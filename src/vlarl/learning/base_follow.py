@@ -20,17 +20,22 @@ to it (and its deployed blob ``<...>.deployed.safetensors`` beside that).
 
 Residual versions are one sequence across bases (the policy accepts only versions newer than the
 newest it took, whatever their base): a learner that starts or resumes never mints a version at
-or below one already minted by this follower.
+or below one already minted by this follower, nor (after a restart) by the learner of any base
+whose checkpoint lies next to ``checkpoint``.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from vlarl.contract import ContractError, ModelMetadata
+from vlarl.data.errors import ReplayError
+from vlarl.data.replay import header_metadata
 from vlarl.learning.errors import LearningError
 from vlarl.learning.learner import LearnerConfig, ResidualLearner
 
@@ -78,6 +83,8 @@ class BaseFollower:
         self.task = task
         self.loader = loader
         self.learner = self._learner(base)
+        state = self.learner.state
+        state.version = max(state.version, self.minted_by_other_bases())
         self.bases_seen: list[str] = [base.tag]
         self.switches = 0
         self.refusals = 0
@@ -93,6 +100,22 @@ class BaseFollower:
             return self.checkpoint
         name = f"{self.checkpoint.stem}.{_UNSAFE.sub('_', tag)}{self.checkpoint.suffix}"
         return self.checkpoint.with_name(name)
+
+    def minted_by_other_bases(self) -> int:
+        """The highest version in the checkpoints of the other bases' learners (0: none). An
+        unreadable one counts as none: it cannot be resumed either."""
+        stem, suffix = self.checkpoint.stem, self.checkpoint.suffix
+        pattern = f"{glob.escape(stem)}.*{glob.escape(suffix)}"
+        highest = 0
+        for path in self.checkpoint.parent.glob(pattern):
+            if path.name.endswith(f".deployed{suffix}"):
+                continue
+            try:
+                state = json.loads(header_metadata(path.read_bytes(), str(path))["state"])
+                highest = max(highest, int(state["version"]), int(state["deployed_version"]))
+            except (OSError, ReplayError, KeyError, TypeError, ValueError):
+                continue
+        return highest
 
     def _learner(self, base: ModelMetadata) -> ResidualLearner:
         return ResidualLearner(

@@ -40,8 +40,10 @@ one, whose checkpoint is ``checkpoint``), else fresh. It learns only from episod
 base, and its versions continue the one sequence across bases. The gate starts over for the new
 base (deployed = the zero residual; a running trial is abandoned without a verdict). A file that
 fails the checks is refused (``base_switch`` in ``learner/status``): the learner stays on its
-base. It needs no simulator and no robot: it can run on another
-machine of the same ROS 2 network, reading a replay folder the bridge fills there.
+base, and that tag and path are not checked again until the policy reports another.
+
+It needs no simulator and no robot: it can run on another machine of the same ROS 2 network,
+reading a replay folder the bridge fills there.
 """
 
 from __future__ import annotations
