@@ -133,6 +133,19 @@ class Candidate:
         return f"@{self.version}"
 
 
+def base_of(tag: str) -> str:
+    """The base a replay version tag names (``base@v`` of ``base@v+residual@N``); '' for tags
+    that name none (``teleop``, ``hold:<reason>``)."""
+    head = tag.split("+", 1)[0]
+    return head if "@" in head else ""
+
+
+def other_base(tag: str, base_tag: str) -> bool:
+    """Whether ``tag`` names a base other than ``base_tag``."""
+    named = base_of(tag)
+    return bool(named) and named != base_tag
+
+
 class ResidualLearner:
     def __init__(
         self,
@@ -141,8 +154,12 @@ class ResidualLearner:
         base: ModelMetadata,
         checkpoint: str | Path | None = None,
         replay_dir: str | Path | None = None,
+        base_only: bool = False,
     ) -> None:
         self.config = config
+        # Only episodes acted on this base (see :meth:`add`); the others are counted.
+        self.base_only = base_only
+        self.foreign_transitions = 0
         self.base_tag = base.tag
         self.obs_dim = base.obs_dim
         self.action_dim = base.action_dim
@@ -216,7 +233,15 @@ class ResidualLearner:
 
     def add(self, data: Transitions, versions: Sequence[str]) -> int:
         """Add whole episodes (``data.policy_version`` indexes ``versions``, the tags that
-        acted); returns the number of transitions added."""
+        acted); returns the number of transitions added.
+
+        With ``base_only`` an episode in which any step names another base (the part of its tag
+        before ``+``: ``base@v`` or ``base@v+residual@N``) is left out and counted in
+        ``foreign_transitions``: its base actions are another policy's. Steps that name no base
+        (``teleop``, ``hold:<reason>``) do not decide.
+        """
+        if self.base_only and len(data):
+            data = self._own_base(data, versions)
         if len(data) == 0:
             return 0
         cols = episode_columns(data, gamma=self.config.agent.gamma, nstep=self.config.nstep)
@@ -253,6 +278,19 @@ class ResidualLearner:
             owed = self.config.max_owed_updates
         self.updates_owed = max(0.0, float(owed))
         return len(data)
+
+    def _own_base(self, data: Transitions, versions: Sequence[str]) -> Transitions:
+        """The episodes of ``data`` that no step of another base acted in."""
+        foreign = np.array([other_base(str(t), self.base_tag) for t in versions], dtype=bool)
+        bad_rows = foreign[data.policy_version]
+        if not bad_rows.any():
+            return data
+        keep = np.ones(len(data), dtype=bool)
+        for _, rows in data.episodes():
+            if bad_rows[rows].any():
+                keep[rows] = False
+        self.foreign_transitions += int((~keep).sum())
+        return data.select(keep)
 
     def take_outcomes(self) -> list[EpisodeOutcome]:
         """The outcomes of the episodes added since the last call, oldest first."""
@@ -411,6 +449,7 @@ class ResidualLearner:
             "gated": self.gated,
             "resumed": self.resumed,
             "bad_shards": len(self.bad_shards),
+            "foreign_transitions": self.foreign_transitions,
             "probe_transitions": max(self.probe_transitions, self.config.probe_transitions),
             "notes": self.notes[-5:],
             "recent_success": (sum(ok for _, ok in recent) / len(recent)) if recent else None,
@@ -424,4 +463,11 @@ class ResidualLearner:
         return json.dumps(self.status(), default=float)
 
 
-__all__ = ["Candidate", "EpisodeOutcome", "LearnerConfig", "ResidualLearner"]
+__all__ = [
+    "Candidate",
+    "EpisodeOutcome",
+    "LearnerConfig",
+    "ResidualLearner",
+    "base_of",
+    "other_base",
+]

@@ -29,8 +29,21 @@ One version, one blob, across crashes: an accepted candidate's blob is persisted
 stem>.deployed.safetensors``, atomic + fsync), then the checkpoint is saved, and only then is the
 blob published. On start, a persisted deployed blob is re-published byte for byte and its version
 counts as spent even when the checkpoint is older (killed between the two writes), so the next
-candidate gets a higher version. It needs no simulator and no robot: it can run on another
-machine of the same ROS 2 network, reading a replay folder the bridge fills there.
+candidate gets a higher version.
+
+Base swaps (:class:`vlarl.learning.base_follow.BaseFollower`): the learner follows the base the
+policy runs (``model`` and ``path`` in ``policy/status``). Another base's file is loaded and
+checked (its tag, the learner's obs/action dims, the task); then the current learner saves its
+checkpoint and the learner of the new base starts: resumed from that base's checkpoint (a
+rollback; ``<checkpoint stem>.<model_id>@<version>.safetensors`` for every base but the start-up
+one, whose checkpoint is ``checkpoint``), else fresh. It learns only from episodes acted on its
+base, and its versions continue the one sequence across bases. The gate starts over for the new
+base (deployed = the zero residual; a running trial is abandoned without a verdict). A file that
+fails the checks is refused (``base_switch`` in ``learner/status``): the learner stays on its
+base, and that tag and path are not checked again until the policy reports another.
+
+It needs no simulator and no robot: it can run on another machine of the same ROS 2 network,
+reading a replay folder the bridge fills there.
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ from vlarl.core.onnx_policy import OnnxPolicy  # noqa: E402
 from vlarl.core.weights import WeightError, decode_residual  # noqa: E402
 from vlarl.data.replay import atomic_write_bytes  # noqa: E402
 from vlarl.graph import resolve_model_path  # noqa: E402
+from vlarl.learning.base_follow import BaseFollower  # noqa: E402
 from vlarl.learning.errors import LearningError  # noqa: E402
 from vlarl.learning.gate import GateConfig, Verdict  # noqa: E402
 from vlarl.learning.graph_gate import (  # noqa: E402
@@ -220,17 +234,21 @@ class LearnerNode(Node):
             )
         try:
             config = learner_config(self._p)
-            self.learner = ResidualLearner(
+            # One learner per base the policy runs (the start-up base's first).
+            self.follower = BaseFollower(
                 config,
                 base=base,
                 checkpoint=str(self._p["checkpoint"]),
                 replay_dir=str(self._p["replay_dir"]),
+                task=task,
             )
             gating = gate_config(self._p)
         except LearningError as exc:
             raise ValueError(str(exc)) from None
         checkpoint = Path(str(self._p["checkpoint"]))
-        self._deployed_path = checkpoint.with_suffix(".deployed.safetensors")
+        self._gating = gating
+        self._generation = 0  # bumped by every base switch (the worker starts over)
+        self._refused_base: tuple[str, str] | None = None  # (tag, path) refused last
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.delta_check = "pending"  # pending | ok | "mismatch: ..." (then nothing is published)
@@ -249,20 +267,15 @@ class LearnerNode(Node):
         self._policy_status: dict[str, Any] = {}
         self._pin_future: Any = None
         self._pin_sent = 0.0
+        # The base the policy runs is followed in every gate mode.
+        self.create_subscription(String, topics.POLICY_STATUS, self._on_policy_status, 10)
         if gating.gate == "rollouts":
-            self.gate = GraphGate(
-                gating.rule,
-                base_tag=base.tag,
-                model_id=config.model_id,
-                deployed_version=self.learner.state.deployed_version,
-                min_share=gating.gate_min_share,
-            )
+            self.gate = self._new_gate(base.tag, self.learner.state.deployed_version)
             self._policy_node = str(self._p["policy_node"]).rstrip("/")
             self._pin_client: Any = self.create_client(
                 SetParameters, f"{self._policy_node}/set_parameters"
             )
             self._gate_pub = self.create_publisher(String, topics.LEARNER_GATE, GATE_QOS)
-            self.create_subscription(String, topics.POLICY_STATUS, self._on_policy_status, 10)
             self.create_subscription(String, topics.EPISODE, self._on_episode_end, 50)
             self.create_timer(0.2, self._check_pin_timeout)
         self.create_timer(1.0 / float(self._p["status_rate_hz"]), self._publish_status)
@@ -273,6 +286,27 @@ class LearnerNode(Node):
         )
         self._worker = threading.Thread(target=self._work, name="learner", daemon=True)
         self._worker.start()
+
+    @property
+    def learner(self) -> ResidualLearner:
+        """The learner of the base the policy runs (it changes only under ``_lock``)."""
+        return self.follower.learner
+
+    @property
+    def _deployed_path(self) -> Path:
+        """The current learner's deployed blob (``<its checkpoint stem>.deployed...``)."""
+        checkpoint = self.learner.checkpoint
+        assert checkpoint is not None
+        return checkpoint.with_suffix(".deployed.safetensors")
+
+    def _new_gate(self, base_tag: str, deployed_version: int) -> GraphGate:
+        return GraphGate(
+            self._gating.rule,
+            base_tag=base_tag,
+            model_id=self.follower.config.model_id,
+            deployed_version=deployed_version,
+            min_share=self._gating.gate_min_share,
+        )
 
     def _on_change(self, changes: dict[str, Any]) -> str | None:
         if hasattr(self, "learner"):
@@ -351,13 +385,15 @@ class LearnerNode(Node):
         self._weights_pub.publish(msg)
 
     def _work(self) -> None:
-        learner = self.learner
         checked = self._check_safety_delta()
-        if checked and learner.resumed:
+        if checked and self.learner.resumed:
             self._republish_deployed()
-        last_propose = learner.agent.updates
+        generation, last_propose = -1, 0
         while not self._stop.is_set():
             with self._lock:
+                learner = self.learner
+                if generation != self._generation:  # started, or another base's learner
+                    generation, last_propose = self._generation, learner.agent.updates
                 added = learner.ingest()
                 outcomes = learner.take_outcomes()
                 ran = learner.train(max_updates=50)
@@ -379,8 +415,8 @@ class LearnerNode(Node):
                 self._stop.wait(float(self._p["poll_period_s"]))
 
     def _propose_and_publish(self) -> None:
-        learner = self.learner
         with self._lock:
+            learner = self.learner
             candidate = learner.propose()
             if candidate is None:
                 return
@@ -395,7 +431,8 @@ class LearnerNode(Node):
             # re-publishes that blob and never mints its version again.
             atomic_write_bytes(self._deployed_path, candidate.blob, overwrite=True)
             learner.save()
-        self._publish_blob(candidate.blob)
+            # Under the lock: a base switch cannot come between (no blob of a base left behind).
+            self._publish_blob(candidate.blob)
         self.get_logger().info(
             f"published {learner.config.model_id}@{candidate.version} (parent "
             f"{candidate.parent}, estimate {candidate.estimate:.3f} vs deployed "
@@ -426,8 +463,8 @@ class LearnerNode(Node):
                     gate.note = reason
             self.get_logger().info(f"no candidate proposed: {reason}", throttle_duration_sec=30.0)
             return False
-        learner = self.learner
         with self._lock:
+            learner = self.learner
             candidate = learner.propose()
             if candidate is None:
                 return True
@@ -443,6 +480,12 @@ class LearnerNode(Node):
             pin = gate.begin(candidate.version)
         error = self._pin_now(pin)
         with self._gate_lock:
+            if gate is not self.gate:  # the base was switched meanwhile: that gate is gone
+                self.get_logger().info(
+                    f"candidate {candidate.version} not published: the base changed to "
+                    f"{self.gate.base_tag if self.gate else '?'} while it was pinned"
+                )
+                return True
             actions = gate.pin_done(pin.version, error)
             if gate.phase != PINNING or gate.pin != pin.version:
                 if gate.phase == PINNING:
@@ -543,10 +586,61 @@ class LearnerNode(Node):
             return
         if not isinstance(status, dict):
             return
+        self._follow_base(status)
+        if self.gate is None:
+            return
         with self._gate_lock:
             self._policy_status = status
             actions = self.gate.policy_status(status) if self.gate is not None else []
         self._run_actions(actions)
+
+    def _follow_base(self, status: dict[str, Any]) -> None:
+        """Switch to the residual learner of the base the policy reports, if it is another."""
+        tag, where = status.get("model"), status.get("path")
+        if not isinstance(tag, str) or not isinstance(where, str):
+            return
+        follower = self.follower
+        if not follower.wants_switch(tag) or self._refused_base == (tag, where):
+            return
+        try:
+            # Loaded and checked outside the lock: the worker and the status go on meanwhile.
+            meta = follower.check(tag, resolve_model_path(where))
+        except LearningError as exc:
+            self._refuse_base(tag, where, str(exc))
+            return
+        with self._lock, self._gate_lock:
+            try:
+                switch = follower.switch(meta)
+            except LearningError as exc:
+                refusal: str | None = str(exc)
+            else:
+                refusal = None
+                self._generation += 1
+                self._refused_base = None
+                # The gate starts over on the new base: the policy dropped the old base's
+                # residual, so the zero residual is deployed; a running trial is abandoned
+                # (no verdict: nothing was decided) and a pin in flight is forgotten.
+                self._trial = None
+                self._pin_future = None
+                if self.gate is not None:
+                    self.gate = self._new_gate(meta.tag, 0)
+                    self.gate.note = f"started over on base {meta.tag}"
+        if refusal is not None:
+            self._refuse_base(tag, where, refusal)
+            return
+        self.get_logger().info(
+            f"{switch.describe()} (version {self.learner.state.version}, "
+            f"{self.learner.agent.updates} updates)"
+        )
+
+    def _refuse_base(self, tag: str, where: str, reason: str) -> None:
+        with self._lock:
+            self.follower.refuse(reason)
+            self._refused_base = (tag, where)
+        self.get_logger().error(
+            f"{reason}: the learner stays on {self.follower.base_tag} and publishes nothing "
+            f"for {tag}"
+        )
 
     def _on_episode_end(self, msg: String) -> None:
         with self._gate_lock:
@@ -563,6 +657,11 @@ class LearnerNode(Node):
 
     def _on_verdict(self, verdict: Verdict) -> None:
         with self._gate_lock:
+            gate = self.gate
+            if gate is not None and not verdict.candidate.startswith(f"{gate.base_tag}+"):
+                # Decided by the gate of a base switched away from: that trial was abandoned.
+                self.get_logger().info(f"verdict on {verdict.candidate} dropped: base switched")
+                return
             candidate, self._trial = self._trial, None
         learner = self.learner
         if verdict.accepted:
@@ -593,7 +692,7 @@ class LearnerNode(Node):
 
     def _publish_status(self) -> None:
         with self._lock:
-            status = self.learner.status()
+            status = self.learner.status() | self.follower.status()
         status["delta_check"] = self.delta_check
         with self._gate_lock:
             status["gate"] = self.gate.status() if self.gate is not None else {"mode": "none"}
