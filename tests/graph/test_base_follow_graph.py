@@ -72,7 +72,7 @@ def test_base_swap_starts_a_fresh_learner_and_a_rollback_resumes(
         assert h.drive_until(lambda s: _acted(s, A), rng, TIMEOUT), (h.tags[-3:], h.learner[-1:])
         with h.lock:
             version_a = max(v for t in h.tags if (v := _residual_version(t, A)) is not None)
-        assert learner_status(h)["base"] == A
+        assert h.drive_until(lambda s: learner_status(s).get("base") == A, rng, TIMEOUT)
 
         # The operator swaps the base to B: the policy drops A's residual, the learner starts
         # a fresh learner on B, which learns only from B's episodes.
