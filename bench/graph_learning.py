@@ -1,4 +1,4 @@
-"""The self-improvement loop through the real graph (issue 4): success rising, versions named.
+"""The self-improvement loop through the real graph: success rising, versions named, gated.
 
 Runs ``vlarl bringup --learn`` (sim_robot, policy, safety, reward, recorder, bridge and learner,
 each its own process, talking over DDS on loopback) on the shifted robot of
@@ -6,7 +6,9 @@ each its own process, talking over DDS on loopback) on the shifted robot of
 
 - ``bringup.json``: every episode's outcome and the residual version acting when it ended;
 - the replay shards the bridge wrote from the bags: every transition's policy version tag
-  (base alone, or base + residual@N) and its episode's outcome.
+  (base alone, or base + residual@N) and its episode's outcome;
+- the learner's last status (``achieved_utd``, ``updates_owed``) and every verdict of its
+  deployment gate, read back from the bag (``learner/gate``).
 
 Writes ``bench/results/graph_learning.json`` (success per block of episodes and per acting
 version, transitions per version, any transition without a version) and
@@ -29,6 +31,21 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+
+
+def gate_verdicts(bag_dir: Path) -> list[dict]:
+    """Every verdict the learner published on learner/gate, as the recorder bagged it."""
+    from rclpy.serialization import deserialize_message
+    from std_msgs.msg import String
+
+    from vlarl.bag.reader import read_messages
+    from vlarl.topics import LEARNER_GATE
+
+    verdicts = []
+    for bag in sorted(p for p in bag_dir.iterdir() if p.is_dir()):
+        for m in read_messages(bag, topics=["/" + LEARNER_GATE]):
+            verdicts.append(json.loads(deserialize_message(m.data, String).data))
+    return verdicts
 
 
 def replay_versions(replay_dir: Path) -> dict:
@@ -137,6 +154,8 @@ def main() -> int:
         entry[0] += 1
         entry[1] += int(e["success"])
     replay = replay_versions(out / "replay")
+    learner = bringup.get("learner") or {}
+    verdicts = gate_verdicts(out / "bags")
     result = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "action_offset": args.action_offset,
@@ -150,6 +169,12 @@ def main() -> int:
             k: {"episodes": v[0], "success_rate": v[1] / v[0]} for k, v in by_version.items()
         },
         "replay": replay,
+        "unnamed_transitions": replay["unnamed_transitions"],
+        "achieved_utd": learner.get("achieved_utd"),
+        "updates_owed": learner.get("updates_owed"),
+        "updates_forgiven": learner.get("updates_forgiven"),
+        "gate_verdicts": verdicts,
+        "residual_versions_promoted": sum(bool(v.get("accepted")) for v in verdicts),
         "learner": bringup.get("learner"),
         "machine": bringup.get("machine"),
     }
@@ -163,6 +188,10 @@ def main() -> int:
         f"replay: {replay['shards']} shards, "
         f"{sum(v['transitions'] for v in replay['per_version'].values())} transitions, "
         f"{replay['unnamed_transitions']} without a version; wall {wall:.0f} s"
+    )
+    print(
+        f"learner: achieved utd {result['achieved_utd']}, updates owed {result['updates_owed']}; "
+        f"gate: {len(verdicts)} verdicts, {result['residual_versions_promoted']} promoted"
     )
     plot(result, episodes, Path(args.results).with_suffix(".png"), block=args.block)
     return 0
