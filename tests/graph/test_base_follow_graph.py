@@ -91,6 +91,9 @@ def test_base_swap_starts_a_fresh_learner_and_a_rollback_resumes(
         )
         with h.lock:
             version_b = max(v for t in h.tags if (v := _residual_version(t, B)) is not None)
+        # The status is published at its own rate: wait for one from after B's ingestion.
+        assert h.drive_until(lambda s: learner_status(s).get("transitions") == 100, rng, TIMEOUT)
+        with h.lock:
             status = learner_status(h)
         assert status["bases_seen"] == [A, B] and status["base_switches"] == 1
         assert not status["resumed"] and status["transitions"] == 100
