@@ -184,20 +184,7 @@ class SafetyConfig:
         set_(self, "action_high", _vector(self.action_high, ACTION_DIM, "action_high"))
         set_(self, "workspace_low", _vector(self.workspace_low, 3, "workspace_low"))
         set_(self, "workspace_high", _vector(self.workspace_high, 3, "workspace_high"))
-        for name in (
-            "delta",
-            "max_delta_per_tick",
-            "gripper_max_delta_per_tick",
-            "max_delta_per_s",
-            "gripper_max_delta_per_s",
-            "ee_timeout_s",
-            "max_action_age_s",
-            "max_action_lead_s",
-            "watchdog_timeout_s",
-            "hold_period_s",
-            "teleop_timeout_s",
-            "initial_gripper",
-        ):
+        for name in (*_NOT_LARGER, "initial_gripper"):  # the scalar settings
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{name} must be a number")
